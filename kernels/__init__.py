@@ -1,0 +1,18 @@
+"""fusedlm attention kernels: the fused Pallas kernel, its reference, one entry point."""
+
+from kernels.attention import (
+    IMPLEMENTATIONS,
+    dot_product_attention,
+    resolve_implementation,
+)
+from kernels.flash_attention import BlockSizes, flash_attention
+from kernels.reference import reference_attention
+
+__all__ = [
+    "BlockSizes",
+    "IMPLEMENTATIONS",
+    "dot_product_attention",
+    "flash_attention",
+    "reference_attention",
+    "resolve_implementation",
+]
