@@ -5,7 +5,7 @@ from kernels.attention import (
     dot_product_attention,
     resolve_implementation,
 )
-from kernels.flash_attention import BlockSizes, flash_attention
+from kernels.pallas_attention import BlockSizes, flash_attention
 from kernels.reference import reference_attention
 
 __all__ = [

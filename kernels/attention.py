@@ -3,7 +3,7 @@
 `dot_product_attention` takes the layout of `jax.nn.dot_product_attention`
 and the masks of `kernels.masking`, and dispatches to
 
-  * "pallas": the fused kernel of `kernels.flash_attention` (compiled through
+  * "pallas": the fused kernel of `kernels.pallas_attention` (compiled through
     Triton on an NVIDIA GPU, run by Pallas' interpreter elsewhere);
   * "xla": the plain reference of `kernels.reference` (materialises scores);
   * "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention`;
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masking
-from kernels.flash_attention import BlockSizes, flash_attention
+from kernels.pallas_attention import BlockSizes, flash_attention
 from kernels.reference import reference_attention
 
 Implementation = Literal["auto", "pallas", "xla", "cudnn"]

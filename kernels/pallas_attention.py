@@ -519,6 +519,12 @@ def flash_attention(
   segments = masking.segments_from_masks(
       shape, key_padding_mask, segment_ids, kv_segment_ids
   )
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(
+        "the Pallas kernel compiles only for NVIDIA GPUs (through Triton); on"
+        f" the {jax.default_backend()!r} backend pass interpret=True or use"
+        " implementation='xla'."
+    )
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(shape.head_dim)
   elif not isinstance(block_sizes, BlockSizes):
