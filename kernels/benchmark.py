@@ -1,0 +1,234 @@
+"""Attention benchmark: our Pallas kernel against XLA, cuDNN and JAX's Triton kernel.
+
+Launch (GPU, the default sweep; the FlashAttention papers' setting):
+
+  python -m kernels.benchmark --out bench_out/h100
+
+  (or `fusedlm-attention-bench --out bench_out/h100`). It sweeps bf16,
+  batch * seq = 16384 tokens, heads * head_dim = 2048, head dims 64 and 128,
+  seq 512 to 16384, causal and not, forward and forward+backward, over the
+  implementations pallas (ours), xla, cudnn and jax-triton
+  (`jax.experimental.pallas.ops.gpu.attention.mha`).
+
+Smoke run (tiny sizes; the default on a CPU, where Pallas runs interpreted):
+
+  python -m kernels.benchmark --smoke --out /tmp/bench_smoke
+
+Each flag narrows the sweep, e.g. `--seq-lens 4096 --head-dims 128 --passes
+fwd --impls pallas,cudnn --causal on --reps 100`. Writes a table to stdout,
+`attention_bench.json` (every cell, device, JAX version, date, command) and
+`attention_bench.png` (TFLOP/s against N) under --out. Method and column
+meanings: `kernels.bench_measure`, `kernels.bench_report`, BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+
+import jax
+import jaxlib
+
+from kernels import bench_measure as measure
+from kernels import bench_report as report
+
+JSON_NAME = "attention_bench.json"
+PNG_NAME = "attention_bench.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """Defaults of the flags left unset, by machine."""
+
+  seq_lens: tuple[int, ...]
+  head_dims: tuple[int, ...]
+  tokens: int  # batch * seq_len
+  width: int  # num_heads * head_dim
+  reps: int
+  warmup: int
+  rotate_mb: float  # input sets rotate until their q, k, v exceed this
+  ref_budget_mb: float  # memory the float32 error reference may take
+
+
+GPU = Preset(
+    seq_lens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
+    tokens=16384, width=2048, reps=50, warmup=5,
+    rotate_mb=64,  # > the 50 MB L2 of an H100
+    ref_budget_mb=8192,
+)
+SMOKE = Preset(
+    seq_lens=(128, 256), head_dims=(64,), tokens=256, width=128, reps=3,
+    warmup=1, rotate_mb=0, ref_budget_mb=256,
+)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(choices):
+  def parse(text: str) -> tuple[str, ...]:
+    names = tuple(x for x in text.split(",") if x)
+    unknown = [x for x in names if x not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(
+          f"unknown {unknown}; choose from {', '.join(choices)}")
+    return names
+  return parse
+
+
+_CAUSAL = {"both": (False, True), "on": (True,), "off": (False,)}
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m kernels.benchmark",
+      description="Times attention implementations over a sweep of shapes.")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny sizes (the default on a non-GPU backend)")
+  p.add_argument("--seq-lens", type=_ints, help="comma list, e.g. 512,1024")
+  p.add_argument("--head-dims", type=_ints, help="comma list, e.g. 64,128")
+  p.add_argument("--dtype", type=_names(_DTYPES),
+                 help="comma list; default bfloat16 on GPU, float32 elsewhere")
+  p.add_argument("--passes", type=_names(measure.PASSES),
+                 default=measure.PASSES, help="fwd,fwd+bwd")
+  p.add_argument("--impls", type=_names(measure.IMPLEMENTATIONS),
+                 default=measure.IMPLEMENTATIONS,
+                 help=f"comma list of {', '.join(measure.IMPLEMENTATIONS)}")
+  p.add_argument("--causal", choices=tuple(_CAUSAL), default="both")
+  p.add_argument("--tokens", type=int, help="batch * seq_len (batch >= 1)")
+  p.add_argument("--width", type=int, help="num_heads * head_dim")
+  p.add_argument("--reps", type=int, help="timed calls per cell")
+  p.add_argument("--warmup", type=int, help="untimed calls per cell")
+  p.add_argument("--rotate-mb", type=float,
+                 help="rotate input sets until q, k, v exceed this (L2)")
+  p.add_argument("--ref-budget-mb", type=float,
+                 help="memory for the float32 reference of the error")
+  p.add_argument("--no-errors", action="store_true",
+                 help="skip the error against the float32 reference")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="bench_out", help="directory for JSON/PNG")
+  args = p.parse_args(argv)
+  if args.reps is not None and args.reps < 1:
+    p.error("--reps must be at least 1")
+  return args
+
+
+def resolve(args: argparse.Namespace) -> dict:
+  """The sweep: flags, with the preset of this machine for those left unset."""
+  gpu = measure.on_gpu()
+  preset = SMOKE if args.smoke or not gpu else GPU
+  pick = lambda flag, default: default if flag is None else flag
+  return {
+      "preset": "smoke" if preset is SMOKE else "gpu",
+      "seq_lens": pick(args.seq_lens, preset.seq_lens),
+      "head_dims": pick(args.head_dims, preset.head_dims),
+      "dtypes": pick(args.dtype, ("bfloat16",) if gpu else ("float32",)),
+      "passes": args.passes,
+      "implementations": args.impls,
+      "causal": _CAUSAL[args.causal],
+      "tokens": pick(args.tokens, preset.tokens),
+      "width": pick(args.width, preset.width),
+      "reps": pick(args.reps, preset.reps),
+      "warmup": pick(args.warmup, preset.warmup),
+      "rotate_mb": pick(args.rotate_mb, preset.rotate_mb),
+      "ref_budget_mb": pick(args.ref_budget_mb, preset.ref_budget_mb),
+      "errors": not args.no_errors,
+      "seed": args.seed,
+      "out": args.out,
+  }
+
+
+def problem_for(sweep: dict, dtype: str, head_dim: int, seq_len: int):
+  """Batch and heads from the fixed token count and model width."""
+  return measure.Problem(
+      batch=max(1, sweep["tokens"] // seq_len), seq_len=seq_len,
+      num_heads=max(1, sweep["width"] // head_dim), head_dim=head_dim,
+      dtype=dtype)
+
+
+def run_sweep(sweep: dict) -> list[dict]:
+  """Every cell of the sweep, in order; progress on stderr."""
+  settings = measure.Settings(
+      warmup=sweep["warmup"], reps=sweep["reps"], seed=sweep["seed"],
+      errors=sweep["errors"],
+      ref_budget_bytes=int(sweep["ref_budget_mb"] * 2**20))
+  ref_cache, cells = {}, []
+  for dtype in sweep["dtypes"]:
+    for head_dim in sweep["head_dims"]:
+      for seq_len in sweep["seq_lens"]:
+        problem = problem_for(sweep, dtype, head_dim, seq_len)
+        n_sets = measure.num_input_sets(
+            problem, int(sweep["rotate_mb"] * 2**20))
+        input_sets = measure.make_input_sets(problem, n_sets, sweep["seed"])
+        for causal in sweep["causal"]:
+          for pass_ in sweep["passes"]:
+            for impl in sweep["implementations"]:
+              cell = measure.measure_cell(
+                  impl, problem, causal, pass_, input_sets, settings, ref_cache)
+              cell["input_sets"] = n_sets
+              cells.append(cell)
+              _progress(cell)
+        del input_sets
+        ref_cache.clear()
+  return cells
+
+
+def _progress(cell: dict) -> None:
+  what = (f"{cell['label']:<22} {cell['dtype']} D={cell['head_dim']}"
+          f" N={cell['seq_len']} causal={cell['causal']} {cell['pass']}")
+  if cell["status"] == "ok":
+    result = f"{cell['median_ms']:.4g} ms, {cell['tflops']:.4g} TFLOP/s"
+  else:
+    result = cell["status"]
+  print(f"  {what}: {result}", file=sys.stderr, flush=True)
+
+
+def metadata(sweep: dict, argv: list[str]) -> dict:
+  device = jax.devices()[0]
+  return {
+      "device_kind": device.device_kind,
+      "platform": device.platform,
+      "device_count": jax.device_count(),
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "command": shlex.join(["python", "-m", "kernels.benchmark", *argv]),
+      "argv": argv,
+      "sweep": {k: list(v) if isinstance(v, tuple) else v
+                for k, v in sweep.items()},
+      "flop_formula": measure.FLOP_FORMULA,
+      "memory_measure": measure.MEMORY_MEASURE,
+      "timing": "median of reps calls after warmup, compile excluded; host"
+                " clock around jax.block_until_ready; inputs rotated",
+      "error": "||x - ref|| / ||ref|| (Frobenius), ref = reference_attention"
+               " on float32-upcast inputs, batch 1, <= 2 heads, last `rows`"
+               " query rows; x = out, and dq for fwd+bwd",
+      "pallas_interpreted": device.platform != "gpu",
+  }
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  sweep = resolve(parse_args(argv))
+  meta = metadata(sweep, argv)
+  cells = run_sweep(sweep)
+  report.add_ratios(cells)
+  print(report.format_table(cells, meta))
+  os.makedirs(sweep["out"], exist_ok=True)
+  json_path = os.path.join(sweep["out"], JSON_NAME)
+  png_path = os.path.join(sweep["out"], PNG_NAME)
+  report.write_json(json_path, meta, cells)
+  report.plot(png_path, cells, meta)
+  print(f"\nwrote {json_path} and {png_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,145 @@
+"""The attention benchmark end to end, at smoke size: cells, JSON, PNG, table.
+
+No assertion is about a time: on CPU the Pallas kernel runs in the
+interpreter, so the times only show that the measuring path works.
+"""
+
+import contextlib
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import bench_measure, bench_report, benchmark, reference_attention
+
+# Relative Frobenius error of float32 inputs against the float32 reference:
+# the kernel and the reference differ only in summation order.
+FLOAT32_TOLERANCE = 1e-5
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """One smoke sweep (pallas, xla, cudnn; fwd and fwd+bwd; causal on and off).
+
+  Returns (the JSON, the stdout table, the output directory).
+  """
+  out = tmp_path_factory.mktemp("bench")
+  argv = ["--smoke", "--seq-lens", "128", "--head-dims", "64",
+          "--dtype", "float32", "--impls", "pallas,xla,cudnn",
+          "--passes", "fwd,fwd+bwd", "--causal", "both", "--reps", "2",
+          "--out", str(out)]
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    assert benchmark.main(argv) == 0
+  with open(out / benchmark.JSON_NAME) as f:
+    return json.load(f), stdout.getvalue(), out
+
+
+def _cells(data, implementation):
+  return [c for c in data["cells"] if c["implementation"] == implementation]
+
+
+def test_every_cell_is_present(results):
+  data, _, _ = results
+  got = sorted((c["implementation"], c["pass"], c["causal"]) for c in data["cells"])
+  want = sorted((i, p, c) for i in ("pallas", "xla", "cudnn")
+                for p in ("fwd", "fwd+bwd") for c in (False, True))
+  assert got == want
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_cells_have_time_flops_memory_and_error(results, implementation):
+  data, _, _ = results
+  for cell in _cells(data, implementation):
+    assert cell["status"] == "ok", cell
+    assert cell["median_ms"] > 0 and cell["tflops"] > 0
+    assert cell["memory_bytes"]["total"] > 0
+    np.testing.assert_array_less(cell["error"]["out"], FLOAT32_TOLERANCE)
+    if cell["pass"] == "fwd+bwd":
+      np.testing.assert_array_less(cell["error"]["dq"], FLOAT32_TOLERANCE)
+    else:
+      assert cell["error"]["dq"] is None
+    assert math.isfinite(cell["pallas_ratio"])
+
+
+def test_pallas_is_labelled_interpreted_off_gpu(results):
+  data, _, _ = results
+  labels = {c["label"] for c in _cells(data, "pallas")}
+  assert labels == {"pallas" if ON_GPU else "pallas (interpret)"}
+  assert data["meta"]["pallas_interpreted"] is not ON_GPU
+
+
+def test_unavailable_implementation_gives_a_reason(results):
+  # cuDNN needs a GPU, and takes no float32 even there.
+  data, _, _ = results
+  for cell in _cells(data, "cudnn"):
+    assert cell["status"] == "unsupported"
+    assert "cudnn" in cell["reason"]
+    assert cell["pallas_ratio"] is None
+
+
+def test_metadata(results):
+  data, _, _ = results
+  meta = data["meta"]
+  for key in ("device_kind", "jax_version", "date", "command", "flop_formula",
+              "memory_measure"):
+    assert meta[key], key
+  assert meta["jax_version"] == jax.__version__
+  assert meta["command"].startswith("python -m kernels.benchmark --smoke")
+
+
+def test_png_is_written(results):
+  _, _, out = results
+  with open(out / benchmark.PNG_NAME, "rb") as f:
+    assert f.read(8) == PNG_SIGNATURE
+
+
+def test_table_shows_ratio_and_reasons(results):
+  _, table, _ = results
+  assert bench_report.RATIO_COLUMN in table
+  assert "unsupported: ValueError" in table
+  assert "1.00" in table  # pallas against itself
+
+
+def test_flop_count():
+  problem = bench_measure.Problem(batch=2, seq_len=128, num_heads=3,
+                                  head_dim=64, dtype="bfloat16")
+  forward = 4 * 2 * 3 * 128 * 128 * 64
+  assert bench_measure.attention_flops(problem, False, "fwd") == forward
+  assert bench_measure.attention_flops(problem, True, "fwd") == forward / 2
+  assert bench_measure.attention_flops(problem, True, "fwd+bwd") == 3.5 * forward / 2
+
+
+def test_out_of_memory_is_classified():
+  error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 17GiB")
+  assert bench_measure.failure(error)["status"] == "oom"
+  assert bench_measure.failure(ValueError("bad shape"))["status"] == "unsupported"
+
+
+def test_error_rows_fit_the_budget():
+  problem = bench_measure.Problem(batch=4, seq_len=4096, num_heads=16,
+                                  head_dim=128, dtype="bfloat16")
+  small, rows = bench_measure.error_problem(problem, budget_bytes=2**26)
+  assert small.shape == (1, 4096, 2, 128)
+  assert rows == 256  # 256 rows * 8 arrays * 4 bytes * 2 heads * 4096 = 2**26
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_tail_equals_the_full_problem_rows(causal):
+  # The error measure keeps the last rows only; with bottom-right causal
+  # alignment they must match the same rows of the full problem, dq included.
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, ct = (jax.random.normal(key, (1, 64, 2, 16)) for key in keys)
+  out_tail, dq_tail = bench_measure.reference_tail(q, k, v, ct, 16, causal, True)
+  f = lambda q: reference_attention(q, k, v, causal=causal)
+  out, vjp = jax.vjp(f, q)
+  (dq,) = vjp(ct)
+  np.testing.assert_allclose(out_tail, out[:, -16:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dq_tail, dq[:, -16:], rtol=1e-5, atol=1e-6)
+  assert out_tail.dtype == jnp.float32
