@@ -1,0 +1,139 @@
+"""BERT-style encoder: bidirectional attention, padding mask, MLM / NSP / class heads.
+
+  outputs = model.apply(variables, input_ids, token_type_ids, padding_mask)
+  outputs["hidden"]        [batch, seq, hidden]       last layer (after the final
+                                                      LN when pre-LN)
+  outputs["mlm_logits"]    [batch, seq, vocab]  f32   if cfg.mlm
+  outputs["nsp_logits"]    [batch, 2]           f32   if cfg.nsp (0 = is next)
+  outputs["class_logits"]  [batch, num_labels]  f32   if cfg.num_labels
+
+Heads as in Devlin et al. (2019) and Hugging Face's BertForPreTraining:
+  MLM: Dense(hidden) -> GELU -> LayerNorm -> tied token embedding^T + bias.
+  Pooler: Dense(hidden) -> tanh on the first ([CLS]) token; NSP and
+  classification read the pooled vector.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from research.layers import (
+    ClassificationHead,
+    Embeddings,
+    Transformer,
+    default_positions,
+    dense,
+    layer_norm,
+)
+from research.model_config import ModelConfig
+from research.self_attention import AttentionMask
+
+
+class MlmTransform(nn.Module):
+  """Dense -> GELU -> LayerNorm before the tied MLM decoder."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):  # [batch, seq, hidden] -> same
+    cfg = self.cfg
+    x = dense(cfg, cfg.hidden_size, "dense")(x)
+    x = nn.gelu(x, approximate=cfg.activation == "gelu_tanh")
+    return layer_norm(cfg, "norm")(x)
+
+
+class Pooler(nn.Module):
+  """tanh(Dense(hidden)) of the first token: [B, T, hidden] -> [B, hidden]."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    return jnp.tanh(dense(self.cfg, self.cfg.hidden_size, "dense")(hidden[:, 0]))
+
+
+class Encoder(nn.Module):
+  """Bidirectional Transformer with the heads the config asks for."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    if cfg.kind != "encoder":
+      raise ValueError(f"Encoder needs kind='encoder', got {cfg.kind!r}.")
+    self.embeddings = Embeddings(cfg, token_types=True)
+    self.transformer = Transformer(cfg)
+    if cfg.mlm:
+      self.mlm_transform = MlmTransform(cfg)
+      self.mlm_bias = self.param(
+          "mlm_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
+    if cfg.has_pooler:
+      self.pooler = Pooler(cfg)
+    if cfg.nsp:
+      self.nsp_head = dense(cfg, 2, "nsp_head", dtype=jnp.float32)
+    if cfg.num_labels:
+      self.classifier = ClassificationHead(cfg)
+
+  def __call__(
+      self,
+      input_ids,  # [batch, seq] int32
+      token_type_ids=None,  # [batch, seq] int; None = all 0 (segment A)
+      padding_mask=None,  # [batch, seq] bool, True = real token; None = all real
+      *,
+      deterministic: bool = True,
+  ) -> dict:
+    cfg = self.cfg
+    hidden = self._encode(input_ids, token_type_ids, padding_mask, deterministic)
+    outputs = {"hidden": hidden}
+    if cfg.mlm:
+      transformed = self.mlm_transform(hidden)
+      outputs["mlm_logits"] = (
+          self.embeddings.attend(transformed) + self.mlm_bias.astype(jnp.float32))
+    if cfg.has_pooler:
+      pooled = self.pooler(hidden).astype(jnp.float32)
+      if cfg.nsp:
+        outputs["nsp_logits"] = self.nsp_head(pooled)
+      if cfg.num_labels:
+        outputs["class_logits"] = self.classifier(
+            pooled, deterministic=deterministic)
+    return outputs
+
+  def classify(
+      self,
+      input_ids,  # [batch, seq] int32
+      token_type_ids=None,  # [batch, seq] int
+      padding_mask=None,  # [batch, seq] bool
+      *,
+      deterministic: bool = True,
+  ):  # -> [batch, num_labels] float32, without computing the MLM logits
+    if not self.cfg.num_labels:
+      raise ValueError("classify needs a config with num_labels > 0.")
+    hidden = self._encode(input_ids, token_type_ids, padding_mask, deterministic)
+    pooled = self.pooler(hidden).astype(jnp.float32)
+    return self.classifier(pooled, deterministic=deterministic)
+
+  def embed(self, input_ids, token_type_ids=None, deterministic: bool = True):
+    """Token + position + token-type embeddings [batch, seq, hidden]."""
+    return self.embeddings(
+        input_ids, default_positions(input_ids), token_type_ids,
+        deterministic=deterministic)
+
+  def hidden_states(
+      self,
+      x,  # [batch, seq, hidden] embeddings
+      padding_mask=None,  # [batch, seq] bool
+      *,
+      deterministic: bool = True,
+  ):  # -> [batch, seq, hidden]
+    """The stack of blocks under bidirectional attention, from embeddings."""
+    positions = default_positions(x[..., 0])
+    mask = AttentionMask(causal=False, key_padding_mask=padding_mask)
+    hidden, _ = self.transformer(x, positions, mask, deterministic)
+    return hidden
+
+  def _encode(self, input_ids, token_type_ids, padding_mask, deterministic):
+    if padding_mask is not None:
+      padding_mask = padding_mask.astype(jnp.bool_)
+    x = self.embed(input_ids, token_type_ids, deterministic=deterministic)
+    return self.hidden_states(x, padding_mask, deterministic=deterministic)

@@ -1,0 +1,143 @@
+"""Losses and metrics: causal LM, masked LM (+ NSP), sequence classification.
+
+Every loss returns (loss_mean, metrics). loss_mean is what the optimizer
+differentiates; metrics are float32 *sums* with their denominators, so they
+add across steps and devices (psum), and the host divides once in `summarize`:
+
+  loss_sum, correct, count              main objective (count = tokens for the
+                                        LM objectives, examples otherwise)
+  nsp_loss_sum, nsp_correct, nsp_count  next-sentence prediction (mlm with nsp)
+
+Cross-entropies are taken on float32 logits. Labels at zero-weight positions
+are never read (they may be -100, Hugging Face's ignore index, or garbage).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OBJECTIVES = ("causal", "mlm", "classification")
+
+
+def weighted_cross_entropy(
+    logits,  # [..., classes] float
+    labels,  # [...] int
+    weights,  # [...] float; 0 = ignore
+) -> dict[str, jax.Array]:  # loss_sum, correct, count (float32 scalars)
+  """Sums of cross-entropy and of correct argmax predictions, weighted."""
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  used = weights > 0
+  # An ignored label may be out of range; read class 0 there and drop it.
+  safe_labels = jnp.where(used, labels, 0)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+  hit = (jnp.argmax(logits, axis=-1) == safe_labels).astype(jnp.float32)
+  # where, not a product: NaN * 0 is NaN if an ignored position's logits are bad.
+  return {
+      "loss_sum": jnp.sum(jnp.where(used, loss * weights, 0.0)),
+      "correct": jnp.sum(jnp.where(used, hit * weights, 0.0)),
+      "count": jnp.sum(weights),
+  }
+
+
+def _mean(total, count):
+  """total / count, 0 when nothing counted (an all-padding batch)."""
+  return total / jnp.maximum(count, 1e-8)
+
+
+def causal_lm_loss(
+    logits,  # [batch, seq, vocab] float32
+    batch: dict,  # targets [batch, seq] int, loss_mask [batch, seq] float32
+):
+  """Next-token cross-entropy averaged over the positions loss_mask keeps.
+
+  The data pipeline's loss_mask is authoritative: it is 0 on padding and at
+  any position whose target lies in another document of a packed row. The
+  other half of respecting document boundaries is the model's: segment_ids
+  stop attention from crossing them.
+  """
+  targets = batch["targets"]
+  weights = batch.get("loss_mask")
+  if weights is None:
+    weights = jnp.ones(targets.shape, jnp.float32)
+  metrics = weighted_cross_entropy(logits, targets, weights)
+  return _mean(metrics["loss_sum"], metrics["count"]), metrics
+
+
+def mlm_loss(
+    outputs: dict,  # Encoder outputs: mlm_logits [B, T, V], nsp_logits [B, 2]
+    batch: dict,  # mlm_labels [B, T], mlm_weights [B, T], nsp_labels [B]
+    nsp: bool = False,
+):
+  """Masked-LM cross-entropy over masked positions only, plus NSP if asked.
+
+  The loss is mean MLM loss + mean NSP loss, as in BERT's pre-training. A
+  label < 0 (Hugging Face's -100) is ignored even where its weight is set.
+  """
+  labels = batch["mlm_labels"]
+  weights = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0)
+  metrics = weighted_cross_entropy(outputs["mlm_logits"], labels, weights)
+  loss = _mean(metrics["loss_sum"], metrics["count"])
+  if nsp:
+    nsp_labels = batch["nsp_labels"]
+    nsp_metrics = weighted_cross_entropy(
+        outputs["nsp_logits"], nsp_labels,
+        jnp.ones(nsp_labels.shape, jnp.float32))
+    metrics.update({f"nsp_{k}": v for k, v in nsp_metrics.items()})
+    loss = loss + _mean(nsp_metrics["loss_sum"], nsp_metrics["count"])
+  return loss, metrics
+
+
+def classification_loss(
+    logits,  # [batch, num_labels] float32
+    batch: dict,  # labels [batch] int; optional weights [batch] (0 = padding example)
+):
+  """Cross-entropy averaged over examples (padded eval examples weighted 0)."""
+  labels = batch["labels"]
+  weights = batch.get("weights")
+  if weights is None:
+    weights = jnp.ones(labels.shape, jnp.float32)
+  metrics = weighted_cross_entropy(logits, labels, weights)
+  return _mean(metrics["loss_sum"], metrics["count"]), metrics
+
+
+def loss_fn_for(objective: str, *, nsp: bool = False) -> Callable:
+  """The loss (outputs, batch) -> (loss_mean, metrics) for an objective name.
+
+  outputs is what `research.models.model_outputs(..., objective)` returns;
+  nsp matters only for "mlm" (pass cfg.nsp).
+  """
+  if objective == "causal":
+    return causal_lm_loss
+  if objective == "mlm":
+    return lambda outputs, batch: mlm_loss(outputs, batch, nsp=nsp)
+  if objective == "classification":
+    return classification_loss
+  raise ValueError(
+      f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+
+
+def summarize(sums: dict) -> dict[str, float]:
+  """Host-side means from summed metrics: loss, accuracy, perplexity, nsp_*.
+
+  perplexity = exp(loss) of the main objective (per token for the LM
+  objectives); `count` is passed through as `tokens` for throughput logs.
+  """
+  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  out = {}
+  count = sums.get("count", 0.0)
+  if count > 0:
+    out["loss"] = sums["loss_sum"] / count
+    out["accuracy"] = sums["correct"] / count
+    out["perplexity"] = math.exp(min(out["loss"], 700.0))  # exp overflows past ~709
+  out["tokens"] = count
+  nsp_count = sums.get("nsp_count", 0.0)
+  if nsp_count > 0:
+    out["nsp_loss"] = sums["nsp_loss_sum"] / nsp_count
+    out["nsp_accuracy"] = sums["nsp_correct"] / nsp_count
+  return out

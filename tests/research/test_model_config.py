@@ -1,0 +1,72 @@
+"""ModelConfig: validation, dict round trips, presets."""
+
+import pytest
+
+from research import model_config
+from research.model_config import ModelConfig
+
+
+@pytest.mark.parametrize("name", sorted(model_config.presets))
+def test_preset_round_trips_through_dict(name):
+  cfg = model_config.presets[name]()
+  assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_presets_take_overrides():
+  cfg = model_config.tiny_gpt(vocab_size=1000, position="rotary")
+  assert (cfg.vocab_size, cfg.position) == (1000, "rotary")
+
+
+def test_from_dict_names_unknown_keys():
+  with pytest.raises(ValueError, match=r"\['hidden', 'layers'\]"):
+    ModelConfig.from_dict({"hidden": 64, "layers": 2, "num_heads": 4})
+
+
+def test_from_dict_accepts_integer_floats():
+  # ConfigDict / JSON hand back 0 for 0.0.
+  cfg = ModelConfig.from_dict({"dropout": 0, "layer_norm_eps": 1})
+  assert isinstance(cfg.dropout, float) and cfg.layer_norm_eps == 1.0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kind": "seq2seq"}, "kind must be one of"),
+    ({"hidden_size": 130}, "multiple of num_heads"),
+    ({"num_kv_heads": 3}, "multiple of num_kv_heads"),
+    ({"num_kv_heads": 0}, "num_kv_heads must be None or a positive int"),
+    ({"position": "alibi"}, "position must be one of"),
+    ({"norm": "sandwich"}, "norm must be one of"),
+    ({"activation": "relu"}, "activation must be one of"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"attention": "flash"}, "attention must be one of"),
+    ({"vocab_size": 0}, "vocab_size must be >= 1"),
+    ({"num_layers": 2.0}, "num_layers must be an int"),
+    ({"num_labels": -1}, "num_labels must be >= 0"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"remat": "yes"}, "remat must be a bool"),
+    ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
+    ({"kind": "decoder", "nsp": True}, "nsp=True needs kind='encoder'"),
+    ({"position": "rotary", "hidden_size": 12, "num_heads": 4},
+     "head_dim .3. must be even"),
+])
+def test_bad_values_are_named(changes, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig.from_dict(changes)
+
+
+@pytest.mark.parametrize("attention", ["auto", "pallas", "xla", "cudnn"])
+def test_attention_dropout_is_refused_naming_the_kernel(attention):
+  with pytest.raises(ValueError) as error:
+    ModelConfig(attention_dropout=0.1, attention=attention)
+  message = str(error.value)
+  assert "attention_dropout=0.1" in message
+  assert "kernels.dot_product_attention" in message
+  assert repr(attention) in message
+
+
+def test_derived_sizes():
+  cfg = ModelConfig(hidden_size=64, num_heads=8, num_kv_heads=2)
+  assert (cfg.head_dim, cfg.kv_heads) == (8, 2)
+  assert ModelConfig(num_heads=4).kv_heads == 4
+  assert model_config.bert_base().has_pooler
+  assert not model_config.bert_base(nsp=False).has_pooler
+  assert not model_config.gpt2_small(num_labels=2).has_pooler

@@ -1,0 +1,126 @@
+"""Objectives: masked means, ignored positions, metric sums, summaries."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import objectives
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  shifted = x - x.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _reference_nll(logits, labels):
+  return -np.take_along_axis(_log_softmax(logits), np.asarray(labels)[..., None],
+                             -1)[..., 0]
+
+
+def _causal_batch():
+  rng = np.random.RandomState(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+  targets = rng.randint(0, 7, (2, 5)).astype(np.int32)
+  loss_mask = np.array([[1, 1, 1, 0, 1], [1, 1, 0, 0, 0]], np.float32)
+  return logits, {"targets": targets, "loss_mask": loss_mask}
+
+
+def test_causal_loss_is_the_mean_over_kept_positions():
+  logits, batch = _causal_batch()
+  loss, metrics = objectives.causal_lm_loss(jnp.asarray(logits), batch)
+  nll = _reference_nll(logits, batch["targets"])
+  kept = batch["loss_mask"] > 0
+  np.testing.assert_allclose(loss, nll[kept].mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss_sum"], nll[kept].sum(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["count"], 6.0)
+  hits = (logits.argmax(-1) == batch["targets"])[kept].sum()
+  np.testing.assert_allclose(metrics["correct"], hits)
+
+
+def test_masked_positions_neither_count_nor_poison_the_loss():
+  logits, batch = _causal_batch()
+  loss, _ = objectives.causal_lm_loss(jnp.asarray(logits), batch)
+  dropped = batch["loss_mask"] == 0
+  bad_logits = np.where(dropped[..., None], np.nan, logits)
+  bad_targets = np.where(dropped, -100, batch["targets"])  # out of range
+  bad_loss, metrics = objectives.causal_lm_loss(
+      jnp.asarray(bad_logits), {**batch, "targets": bad_targets})
+  np.testing.assert_allclose(bad_loss, loss, rtol=1e-6)
+  assert np.isfinite(metrics["correct"])
+  grads = jax.grad(lambda l: objectives.causal_lm_loss(l, batch)[0])(
+      jnp.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(grads)[dropped], 0.0)
+
+
+def test_mlm_loss_adds_nsp_and_ignores_unmasked_positions():
+  rng = np.random.RandomState(1)
+  mlm_logits = rng.normal(size=(2, 4, 9)).astype(np.float32)
+  nsp_logits = rng.normal(size=(2, 2)).astype(np.float32)
+  batch = {
+      "mlm_labels": np.array([[3, -100, 5, 0], [1, 2, -100, -100]], np.int32),
+      "mlm_weights": np.array([[1, 0, 1, 0], [1, 1, 1, 0]], np.float32),
+      "nsp_labels": np.array([0, 1], np.int32),
+  }
+  outputs = {"mlm_logits": jnp.asarray(mlm_logits),
+             "nsp_logits": jnp.asarray(nsp_logits)}
+  nll = _reference_nll(mlm_logits, np.maximum(batch["mlm_labels"], 0))
+  # Position [1, 2] has weight 1 but label -100: HF's ignore index wins.
+  used = np.array([[1, 0, 1, 0], [1, 1, 0, 0]], bool)
+  nsp_nll = _reference_nll(nsp_logits, batch["nsp_labels"])
+  loss, metrics = objectives.mlm_loss(outputs, batch, nsp=True)
+  np.testing.assert_allclose(loss, nll[used].mean() + nsp_nll.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["count"], 4.0)
+  np.testing.assert_allclose(metrics["nsp_loss_sum"], nsp_nll.sum(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["nsp_count"], 2.0)
+  loss_only, metrics_only = objectives.mlm_loss(outputs, batch, nsp=False)
+  np.testing.assert_allclose(loss_only, nll[used].mean(), rtol=1e-5)
+  assert "nsp_loss_sum" not in metrics_only
+
+
+def test_classification_loss_weights_out_padded_examples():
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
+  batch = {"labels": np.array([0, 2, 1]), "weights": np.array([1.0, 1.0, 0.0])}
+  loss, metrics = objectives.classification_loss(logits, batch)
+  nll = _reference_nll(logits, batch["labels"])
+  np.testing.assert_allclose(loss, nll[:2].mean(), rtol=1e-6)
+  np.testing.assert_allclose([metrics["correct"], metrics["count"]], [1.0, 2.0])
+
+
+def test_summaries_of_summed_batches_equal_the_pooled_mean():
+  logits, batch = _causal_batch()
+  halves = [objectives.causal_lm_loss(jnp.asarray(logits[i:i + 1]),
+                                      {k: v[i:i + 1] for k, v in batch.items()})[1]
+            for i in (0, 1)]
+  summed = jax.tree_util.tree_map(lambda a, b: a + b, *halves)
+  loss, _ = objectives.causal_lm_loss(jnp.asarray(logits), batch)
+  summary = objectives.summarize(summed)
+  np.testing.assert_allclose(summary["loss"], loss, rtol=1e-6)
+  np.testing.assert_allclose(summary["perplexity"], math.exp(summary["loss"]),
+                             rtol=1e-12)
+  assert summary["tokens"] == 6.0
+  assert "nsp_loss" not in summary
+
+
+def test_summary_reports_nsp_and_survives_empty_sums():
+  summary = objectives.summarize({
+      "loss_sum": 6.0, "correct": 1.0, "count": 3.0,
+      "nsp_loss_sum": 1.0, "nsp_correct": 3.0, "nsp_count": 4.0})
+  assert summary == pytest.approx({
+      "loss": 2.0, "accuracy": 1 / 3, "perplexity": math.exp(2.0),
+      "tokens": 3.0, "nsp_loss": 0.25, "nsp_accuracy": 0.75})
+  assert objectives.summarize({"loss_sum": 0.0, "correct": 0.0,
+                               "count": 0.0}) == {"tokens": 0.0}
+
+
+def test_dispatcher_picks_the_loss_by_objective_name():
+  logits, batch = _causal_batch()
+  np.testing.assert_allclose(
+      objectives.loss_fn_for("causal")(jnp.asarray(logits), batch)[0],
+      objectives.causal_lm_loss(jnp.asarray(logits), batch)[0])
+  assert objectives.loss_fn_for("classification") is objectives.classification_loss
+  with pytest.raises(ValueError, match="unknown objective 'seq2seq'"):
+    objectives.loss_fn_for("seq2seq")
