@@ -28,12 +28,12 @@ def shard(batch: dict, num_devices: int | None = None) -> dict:
   return jax.tree_util.tree_map(split, batch)
 
 
-def replicate(tree):
-  """One copy of a pytree on every local device (leading device axis).
+def replicate(tree, devices=None):
+  """One copy of a pytree per device (leading device axis); default: all local.
 
   Built from per-device copies, so no device ever holds all of them.
   """
-  devices = jax.local_devices()
+  devices = jax.local_devices() if devices is None else list(devices)
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 

@@ -1,0 +1,125 @@
+"""Run logs: a one-line progress display, metrics.jsonl, TensorBoard, MFU.
+
+Every logged row goes to DIR/metrics.jsonl ({"step", "split", ...}) and to
+TensorBoard event files in DIR/tensorboard (tensorboardX). The progress line
+is rewritten in place on stderr (a small own one: tqdm is not a dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+# Dense bf16 peak FLOP/s by jax device_kind (vendor data sheets, no sparsity).
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+}
+
+
+def peak_flops(device) -> float | None:
+  """The device's bf16 peak, matching the longest known prefix; None if unknown."""
+  kind = getattr(device, "device_kind", "")
+  matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def flops_per_token(model_cfg, params, seq_len: int) -> float:
+  """Training FLOPs per token as nanoGPT counts them: 6 N + 12 L H Dh T.
+
+  N counts non-embedding parameters (Kaplan et al.): the token and position
+  tables are left out, and with them the tied output layer's matmul, so MFU is
+  slightly understated for large vocabularies.
+  """
+  n = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if "embeddings" not in jax.tree_util.keystr(path):
+      n += math.prod(leaf.shape)
+  c = model_cfg
+  return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+def _format_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class RunLogger:
+  """Writes metric rows and keeps the progress line up to date."""
+
+  def __init__(self, workdir, total_steps: int, start_step: int, tokens_per_step: int,
+               flops_per_token: float, peak: float | None, num_devices: int,
+               progress: bool = True):
+    from tensorboardX import SummaryWriter  # Imported late: slow to import.
+    self.workdir = Path(workdir)
+    self.jsonl = open(self.workdir / "metrics.jsonl", "a")
+    self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    self.total, self.start = total_steps, start_step
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token, self.peak, self.devices = flops_per_token, peak, num_devices
+    self.progress = progress
+    self._t0 = time.perf_counter()
+    self._last_t, self._last_step = self._t0, start_step
+
+  def write(self, step: int, split: str, values: dict) -> None:
+    row = {"step": step, "split": split, **values}
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    for key, value in values.items():
+      if isinstance(value, (int, float)):
+        self.tb.add_scalar(f"{split}/{key}", value, step)
+
+  def train(self, step: int, summary: dict, lr: float) -> None:
+    """Logs a train window ending at `step` (steps counted from 1)."""
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    tok_s = steps * self.tokens_per_step / max(now - self._last_t, 1e-9)
+    self._last_t, self._last_step = now, step
+    values = {**summary, "learning_rate": lr, "tokens_per_second": tok_s}
+    if self.peak:
+      values["mfu"] = tok_s * self.flops_per_token / (self.peak * self.devices)
+    self.write(step, "train", values)
+    if self.progress:
+      done = step - self.start
+      eta = (now - self._t0) / max(done, 1) * (self.total - step)
+      mfu = f" mfu {values['mfu']:.1%}" if "mfu" in values else ""
+      sys.stderr.write(
+          f"\rstep {step}/{self.total} loss {summary.get('loss', float('nan')):.4f}"
+          f" lr {lr:.2e} {tok_s:,.0f} tok/s{mfu} eta {_format_seconds(eta)}   ")
+      sys.stderr.flush()
+
+  def eval(self, step: int, summary: dict) -> None:
+    self.write(step, "eval", summary)
+    if self.progress:
+      sys.stderr.write(f"\n[eval] step {step} loss {summary.get('loss', float('nan')):.4f}"
+                       f" ppl {summary.get('perplexity', float('nan')):.2f}\n")
+
+  def close(self) -> None:
+    if self.progress:
+      sys.stderr.write("\n")
+    self.jsonl.close()
+    self.tb.close()
+
+
+def read_metrics(workdir, split: str = "train") -> dict[int, dict]:
+  """step -> the last row of `split` logged for it (a resumed run re-logs steps)."""
+  rows = {}
+  path = Path(workdir) / "metrics.jsonl"
+  if path.exists():
+    for line in path.read_text().splitlines():
+      row = json.loads(line)
+      if row["split"] == split:
+        rows[row["step"]] = row
+  return rows

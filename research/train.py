@@ -1,0 +1,166 @@
+"""Trains the configured model, checkpoints it, and resumes where it stopped.
+
+  python -m research.train --config experiments/tiny_gpt.py --workdir /tmp/tiny_gpt
+  python -m research.train --config experiments/tiny_gpt.py --workdir /tmp/t \\
+      --config.train.steps=200
+
+Rerunning with the same --workdir resumes from the latest complete checkpoint:
+the state carries the step (= the data position, batch(step) is pure) and the
+dropout RNG, so the resumed losses equal an uninterrupted run's.
+
+train.steps counts optimizer updates (as research.optimizer does): with
+optimizer.accumulation_steps = k the loop takes steps * k micro-batches
+(optax.MultiSteps averages each k). The state's step, the data position, the
+logged step and log_every / eval_every / checkpoint.every count micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+
+from research import checkpoint as ckpt_lib
+from research import models, objectives, optimizer, run_config, run_data, run_logging
+from research import train_state as ts
+from research.data import load_tokenizer
+from research.parallel import replicate, shard
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def _devices(devices=None, num_devices: int | None = None):
+  if devices is not None:
+    return list(devices)
+  local = jax.local_devices()
+  return local if num_devices is None else local[:num_devices]
+
+
+def train(config, workdir, *, devices=None, num_devices: int | None = None,
+          progress: bool = True, stop_at: int | None = None) -> dict:
+  """Runs (or resumes) the training job; returns the final eval summary and more.
+
+  devices / num_devices pick the pmap devices (default: every local device);
+  tests use them to compare 1 and 8 devices in one process. stop_at ends the
+  run after that step (saving a checkpoint there), as an interruption would.
+  """
+  run_config.validate(config)
+  devices = _devices(devices, num_devices)
+  n_dev = len(devices)
+  if config.train.batch_size % n_dev:
+    raise ValueError(f"config.train.batch_size ({config.train.batch_size}) must be a"
+                     f" multiple of the {n_dev} devices.")
+  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
+                               config.checkpoint["async"])
+  latest = ckpt.latest_step()
+  saved_tok = ckpt.workdir / ckpt_lib.TOKENIZER_DIR
+  # On resume, the workdir's own tokenizer: the data must be tokenized as before.
+  data = run_data.build(config, load_tokenizer(saved_tok)
+                        if latest is not None and saved_tok.exists() else None)
+  model_cfg = run_config.build_model_config(config, data.tokenizer.vocab_size)
+  if latest is not None:
+    ckpt_lib.check_compatible(workdir, model_cfg.to_dict())
+  ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict())
+
+  accum = config.optimizer.accumulation_steps
+  updates = config.train.steps
+  total = updates * accum  # micro-batches
+  opt_cfg = config.optimizer.copy_and_resolve_references()
+  if opt_cfg.warmup_steps > updates:  # a short smoke run (--config.train.steps=20)
+    with opt_cfg.unlocked():
+      opt_cfg.warmup_steps = updates
+  tx = optimizer.build_optimizer(opt_cfg, updates)
+  lr_schedule = optimizer.learning_rate_schedule(opt_cfg, updates)
+  model = models.build_model(model_cfg)
+  if latest is not None:
+    host_state = ckpt.restore(latest, ts.abstract(model_cfg, tx, config.train.seed))
+  else:
+    host_state = ts.create(model_cfg, tx, config.train.seed)
+  start = int(host_state.step)
+  state = replicate(host_state, devices)
+  del host_state
+  p_train, p_eval = ts.pmapped_steps(model, tx, config.objective, bool(config.nsp), devices)
+
+  seq_len = config.data.seq_len
+  logger = run_logging.RunLogger(
+      workdir, total, start, config.train.batch_size * seq_len,
+      run_logging.flops_per_token(model_cfg, jax.tree_util.tree_map(
+          lambda x: x[0], state.params), seq_len),
+      run_logging.peak_flops(devices[0]), n_dev, progress)
+
+  def evaluate(step):
+    totals = {}
+    for batch in data.eval.eval_batches(config.train.eval_batches or None):
+      sums = jax.device_get(p_eval(state.params, shard(batch, n_dev)))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(np.asarray(v)[0])
+    summary = objectives.summarize(totals)
+    logger.eval(step, summary)
+    return summary
+
+  window: dict = {}  # summed train metrics since the last log line
+  pending = None  # (step, device sums) not fetched yet
+
+  def fetch(item):
+    """Host side of a step: NaN check, window sums, the log line when due."""
+    step, sums = item
+    sums = {k: float(np.asarray(v)[0]) for k, v in jax.device_get(sums).items()}
+    if not all(math.isfinite(v) for v in sums.values()):
+      raise NonFiniteLossError(
+          f"non-finite training loss at step {step} (loss_sum={sums['loss_sum']});"
+          f" stopping. The last good checkpoint is step {ckpt.latest_step()} in"
+          f" {ckpt.workdir / ckpt_lib.CHECKPOINT_DIR}.")
+    for k, v in sums.items():
+      window[k] = window.get(k, 0.0) + v
+    if step % config.train.log_every == 0 or step == total:
+      logger.train(step, objectives.summarize(window), float(lr_schedule(step // accum)))
+      window.clear()
+
+  summary: dict = {}
+  t0 = time.perf_counter()
+  try:
+    end = total if stop_at is None else min(stop_at, total)
+    for step in range(start, end):
+      batch = shard(data.train.batch(step), n_dev)  # [devices, per_device, ...]
+      state, sums = p_train(state, batch)
+      if pending is not None:
+        fetch(pending)  # previous step's metrics, while this one runs
+      pending = (step + 1, sums)  # logged as step + 1: micro-batches taken so far
+      done = step + 1
+      if done % config.checkpoint.every == 0 or done == end:
+        fetch(pending)  # never checkpoint a state whose loss is not finite
+        pending = None
+        ckpt.save(done, ts.to_host(state), force=done == end)
+      if done % config.train.eval_every == 0 or done == total:
+        summary = evaluate(done)
+    if pending is not None:
+      fetch(pending)
+    if start >= total and not summary:
+      summary = evaluate(total)
+  finally:
+    ckpt.close()  # waits for an async save in flight, also on a NaN stop
+    logger.close()
+  return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,
+          "model": model_cfg}
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
+  summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(f"final eval: {summary['eval']}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,123 @@
+"""The train state and the pure, pmapped train and eval steps.
+
+  state = create(model_cfg, tx, seed)              # host, unreplicated
+  p_train, p_eval = pmapped_steps(model, tx, objective, nsp, devices)
+  state, sums = p_train(replicated_state, sharded_batch)   # sums: psum'd metrics
+
+Losses are normalised by the *global* token (and NSP example) count, so the
+gradient after `pmean` is exactly that of the mean over the whole global batch,
+however it is split over devices (a per-device mean would weight devices
+with few masked tokens as much as those with many). That is what makes 1 and 8
+devices agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from research import models, objectives
+from research.parallel import AXIS
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: micro-batches taken; also the data position
+  params: Any  # float32 (cfg.param_dtype) parameter tree
+  opt_state: Any  # optax state, float32 like the params
+  rng: jax.Array  # uint32 [2] base dropout key; per step fold_in(rng, step)
+
+
+def create(model_cfg, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A fresh state (host side; replicate it for pmap)."""
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = models.init_params(model_cfg, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), rng=dropout_rng)
+
+
+def abstract(model_cfg, tx, seed: int) -> TrainState:
+  """Shapes and dtypes of `create`'s result, allocating nothing (for restore)."""
+  return jax.eval_shape(lambda: create(model_cfg, tx, seed))
+
+
+def _global_mean_loss(sums: dict, n_devices: int):
+  """n * local_sum / global_count: its pmean'd gradient is the global mean's."""
+  count = jax.lax.psum(jax.lax.stop_gradient(sums["count"]), AXIS)
+  loss = sums["loss_sum"] / jnp.maximum(count, 1e-8)
+  if "nsp_loss_sum" in sums:
+    nsp_count = jax.lax.psum(jax.lax.stop_gradient(sums["nsp_count"]), AXIS)
+    loss = loss + sums["nsp_loss_sum"] / jnp.maximum(nsp_count, 1e-8)
+  return n_devices * loss
+
+
+def eval_sums(outputs, batch: dict, objective: str, nsp: bool) -> dict:
+  """Metric sums with padded eval rows (batch["weights"] == 0) left out.
+
+  objectives.mlm_loss weights every NSP example 1, so the eval path weighs
+  rows itself.
+  """
+  rows = batch["weights"].astype(jnp.float32)  # [B]
+  if objective == "causal":
+    return objectives.weighted_cross_entropy(
+        outputs, batch["targets"], batch["loss_mask"] * rows[:, None])
+  labels = batch["mlm_labels"]
+  w = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0) * rows[:, None]
+  sums = objectives.weighted_cross_entropy(outputs["mlm_logits"], labels, w)
+  if nsp:
+    nsp_sums = objectives.weighted_cross_entropy(
+        outputs["nsp_logits"], batch["nsp_labels"], rows)
+    sums.update({f"nsp_{k}": v for k, v in nsp_sums.items()})
+  return sums
+
+
+def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
+  """train_step(state, batch) -> (state, metric sums); run under pmap(AXIS)."""
+  loss_fn = objectives.loss_fn_for(objective, nsp=nsp)
+
+  def train_step(state: TrainState, batch: dict):
+    # Same key on resume (step is in the state); distinct per device.
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                             jax.lax.axis_index(AXIS))
+
+    def loss_of(params):
+      outputs = models.model_outputs(model, {"params": params}, batch, objective,
+                                     deterministic=False, rngs={"dropout": rng})
+      _, sums = loss_fn(outputs, batch)
+      return _global_mean_loss(sums, n_devices), sums
+
+    grads, sums = jax.grad(loss_of, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sums = jax.lax.psum(sums, AXIS)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, sums
+
+  return train_step
+
+
+def make_eval_step(model, objective: str, nsp: bool):
+  def eval_step(params, batch: dict):
+    outputs = models.model_outputs(model, {"params": params}, batch, objective)
+    return jax.lax.psum(eval_sums(outputs, batch, objective, nsp), AXIS)
+  return eval_step
+
+
+def pmapped_steps(model, tx, objective: str, nsp: bool, devices):
+  """The train and eval steps pmapped over `devices` (state donated)."""
+  n = len(devices)
+  p_train = jax.pmap(make_train_step(model, tx, objective, nsp, n), axis_name=AXIS,
+                     devices=devices, donate_argnums=(0,))
+  p_eval = jax.pmap(make_eval_step(model, objective, nsp), axis_name=AXIS,
+                    devices=devices)
+  return p_train, p_eval
+
+
+def to_host(replicated):
+  """Device 0's copy as numpy (for checkpoints; survives the next step's donation)."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x[0])), replicated)
