@@ -45,6 +45,14 @@ def weighted_cross_entropy(
   }
 
 
+def _row_weights(batch: dict, rows: int):
+  """batch["weights"] [B] (0 = an evaluation padding row), else all ones."""
+  weights = batch.get("weights")
+  if weights is None:
+    return jnp.ones((rows,), jnp.float32)
+  return weights.astype(jnp.float32)
+
+
 def _mean(total, count):
   """total / count, 0 when nothing counted (an all-padding batch)."""
   return total / jnp.maximum(count, 1e-8)
@@ -65,6 +73,7 @@ def causal_lm_loss(
   weights = batch.get("loss_mask")
   if weights is None:
     weights = jnp.ones(targets.shape, jnp.float32)
+  weights = weights * _row_weights(batch, targets.shape[0])[:, None]
   metrics = weighted_cross_entropy(logits, targets, weights)
   return _mean(metrics["loss_sum"], metrics["count"]), metrics
 
@@ -80,14 +89,13 @@ def mlm_loss(
   label < 0 (Hugging Face's -100) is ignored even where its weight is set.
   """
   labels = batch["mlm_labels"]
-  weights = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0)
+  rows = _row_weights(batch, labels.shape[0])
+  weights = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0) * rows[:, None]
   metrics = weighted_cross_entropy(outputs["mlm_logits"], labels, weights)
   loss = _mean(metrics["loss_sum"], metrics["count"])
   if nsp:
-    nsp_labels = batch["nsp_labels"]
     nsp_metrics = weighted_cross_entropy(
-        outputs["nsp_logits"], nsp_labels,
-        jnp.ones(nsp_labels.shape, jnp.float32))
+        outputs["nsp_logits"], batch["nsp_labels"], rows)
     metrics.update({f"nsp_{k}": v for k, v in nsp_metrics.items()})
     loss = loss + _mean(nsp_metrics["loss_sum"], nsp_metrics["count"])
   return loss, metrics
@@ -99,10 +107,7 @@ def classification_loss(
 ):
   """Cross-entropy averaged over examples (padded eval examples weighted 0)."""
   labels = batch["labels"]
-  weights = batch.get("weights")
-  if weights is None:
-    weights = jnp.ones(labels.shape, jnp.float32)
-  metrics = weighted_cross_entropy(logits, labels, weights)
+  metrics = weighted_cross_entropy(logits, labels, _row_weights(batch, labels.shape[0]))
   return _mean(metrics["loss_sum"], metrics["count"]), metrics
 
 

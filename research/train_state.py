@@ -55,26 +55,6 @@ def _global_mean_loss(sums: dict, n_devices: int):
   return n_devices * loss
 
 
-def eval_sums(outputs, batch: dict, objective: str, nsp: bool) -> dict:
-  """Metric sums with padded eval rows (batch["weights"] == 0) left out.
-
-  objectives.mlm_loss weights every NSP example 1, so the eval path weighs
-  rows itself.
-  """
-  rows = batch["weights"].astype(jnp.float32)  # [B]
-  if objective == "causal":
-    return objectives.weighted_cross_entropy(
-        outputs, batch["targets"], batch["loss_mask"] * rows[:, None])
-  labels = batch["mlm_labels"]
-  w = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0) * rows[:, None]
-  sums = objectives.weighted_cross_entropy(outputs["mlm_logits"], labels, w)
-  if nsp:
-    nsp_sums = objectives.weighted_cross_entropy(
-        outputs["nsp_logits"], batch["nsp_labels"], rows)
-    sums.update({f"nsp_{k}": v for k, v in nsp_sums.items()})
-  return sums
-
-
 def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
   """train_step(state, batch) -> (state, metric sums); run under pmap(AXIS)."""
   loss_fn = objectives.loss_fn_for(objective, nsp=nsp)
@@ -102,9 +82,12 @@ def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
 
 
 def make_eval_step(model, objective: str, nsp: bool):
+  loss_fn = objectives.loss_fn_for(objective, nsp=nsp)
+
   def eval_step(params, batch: dict):
     outputs = models.model_outputs(model, {"params": params}, batch, objective)
-    return jax.lax.psum(eval_sums(outputs, batch, objective, nsp), AXIS)
+    _, sums = loss_fn(outputs, batch)  # padded eval rows carry weights == 0
+    return jax.lax.psum(sums, AXIS)
   return eval_step
 
 
