@@ -26,6 +26,10 @@ from research import run_config
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
+# Keys config.json holds beside the run config: the ModelConfig the
+# checkpoints were written for, and a classifier's label names (label i).
+RESOLVED_MODEL = "resolved_model"
+RESOLVED_LABELS = "resolved_label_names"
 
 
 class Checkpointer:
@@ -84,11 +88,14 @@ def check_shapes(restored, abstract_state):
     raise ValueError("checkpoint does not fit the config: " + "; ".join(bad[:10]))
 
 
-def write_run_files(workdir, config, tokenizer, model_cfg_dict: dict) -> None:
-  """config.json (+ the resolved ModelConfig) and tokenizer/ beside the checkpoints."""
+def write_run_files(workdir, config, tokenizer, model_cfg_dict: dict,
+                    label_names=None) -> None:
+  """config.json (+ the resolved ModelConfig and labels) and tokenizer/ beside the checkpoints."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  record = {**config.to_dict(), "resolved_model": model_cfg_dict}
+  record = {**config.to_dict(), RESOLVED_MODEL: model_cfg_dict}
+  if label_names is not None:
+    record[RESOLVED_LABELS] = list(label_names)
   (workdir / CONFIG_FILE).write_text(run_config.to_json(record))
   tokenizer.save(workdir / TOKENIZER_DIR)
 
@@ -96,12 +103,12 @@ def write_run_files(workdir, config, tokenizer, model_cfg_dict: dict) -> None:
 def check_compatible(workdir, model_cfg_dict: dict) -> None:
   """Refuses to resume when the saved model config differs from the current one.
 
-  The saved config.json holds the resolved ModelConfig under "resolved_model".
+  The saved config.json holds the resolved ModelConfig under RESOLVED_MODEL.
   """
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = json.loads(path.read_text()).get("resolved_model")
+  saved = json.loads(path.read_text()).get(RESOLVED_MODEL)
   if saved is None:
     return
   diffs = run_config.diff_model(saved, model_cfg_dict)

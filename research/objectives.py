@@ -7,6 +7,9 @@ add across steps and devices (psum), and the host divides once in `summarize`:
   loss_sum, correct, count              main objective (count = tokens for the
                                         LM objectives, examples otherwise)
   nsp_loss_sum, nsp_correct, nsp_count  next-sentence prediction (mlm with nsp)
+  confusion                             classification evaluation only:
+                                        [true, predicted] weighted counts, from
+                                        which `summarize` takes macro-F1
 
 Cross-entropies are taken on float32 logits. Labels at zero-weight positions
 are never read (they may be -100, Hugging Face's ignore index, or garbage).
@@ -19,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OBJECTIVES = ("causal", "mlm", "classification")
@@ -111,6 +115,30 @@ def classification_loss(
   return _mean(metrics["loss_sum"], metrics["count"]), metrics
 
 
+def confusion_matrix(
+    logits,  # [batch, num_labels] float
+    labels,  # [batch] int
+    weights,  # [batch] float; 0 = padding example
+) -> jax.Array:  # [num_labels, num_labels] float32, rows = true, columns = predicted
+  """Weighted counts of (true label, argmax prediction) pairs; they psum across devices."""
+  num_labels = logits.shape[-1]
+  predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_labels, dtype=jnp.float32)
+  truth = jax.nn.one_hot(labels, num_labels, dtype=jnp.float32)  # out of range: zeros
+  return jnp.einsum("bt,bp->tp", truth * weights.astype(jnp.float32)[:, None], predicted)
+
+
+def f1_scores(confusion) -> np.ndarray:  # [num_labels] float64
+  """Per-class F1 = 2 TP / (2 TP + FP + FN); 0 for a class never true nor predicted.
+
+  Taking 0 there (as scikit-learn's zero_division=0 does) keeps macro-F1 from
+  rewarding a model for classes the evaluation data lacks.
+  """
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diag(confusion)
+  denominator = confusion.sum(0) + confusion.sum(1)  # = 2 TP + FP + FN
+  return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+
+
 def loss_fn_for(objective: str, *, nsp: bool = False) -> Callable:
   """The loss (outputs, batch) -> (loss_mean, metrics) for an objective name.
 
@@ -131,9 +159,13 @@ def summarize(sums: dict) -> dict[str, float]:
   """Host-side means from summed metrics: loss, accuracy, perplexity, nsp_*.
 
   perplexity = exp(loss) of the main objective (per token for the LM
-  objectives); `count` is passed through as `tokens` for throughput logs.
+  objectives); `count` is passed through as `tokens` for throughput logs;
+  macro_f1 (the unweighted mean of per-class F1) when a confusion matrix is
+  among the sums.
   """
-  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  sums = dict(jax.device_get(sums))
+  confusion = sums.pop("confusion", None)
+  sums = {k: float(v) for k, v in sums.items()}
   out = {}
   count = sums.get("count", 0.0)
   if count > 0:
@@ -145,4 +177,6 @@ def summarize(sums: dict) -> dict[str, float]:
   if nsp_count > 0:
     out["nsp_loss"] = sums["nsp_loss_sum"] / nsp_count
     out["nsp_accuracy"] = sums["nsp_correct"] / nsp_count
+  if confusion is not None:
+    out["macro_f1"] = float(np.mean(f1_scores(confusion)))
   return out

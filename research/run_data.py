@@ -1,4 +1,9 @@
-"""From config.data / config.objective to a tokenizer and train/eval batch makers."""
+"""From config.data / config.objective to a tokenizer and train/eval batch makers.
+
+  data = build(config)                       # pretraining: corpus, tokenizer, batches
+  data = build(finetune_config, tokenizer)   # classification: the labelled task
+  batches, name = evaluation_batches(saved_config, tokenizer, data="other.txt")
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,18 @@ from pathlib import Path
 import jax
 
 from research import data as data_lib
+from research.data import stdlib_topics
 from research.data.cache import DEFAULT_CACHE_DIR
+from research.data.classification import split_examples
 
 
 @dataclasses.dataclass
 class RunData:
   tokenizer: data_lib.Tokenizer
-  train: object  # CausalLMBatches | MLMBatches over the train split
+  train: object  # CausalLMBatches | MLMBatches | ClassificationBatches, train split
   eval: object  # the same over the validation split (eval_batches())
-  corpus_name: str
+  corpus_name: str  # the corpus, or the labelled task
+  label_names: tuple[str, ...] | None = None  # classification: label i's name
 
 
 def cache_dir(config) -> Path:
@@ -30,22 +38,106 @@ def build(config, tokenizer: data_lib.Tokenizer | None = None) -> RunData:
   """Loads the corpus, tokenizer (trained once, cached) and the batch makers.
 
   `tokenizer` (the one saved in a workdir) is used as is when given, so a
-  resumed run tokenizes exactly as the run that wrote the checkpoint.
+  resumed run tokenizes exactly as the run that wrote the checkpoint. A
+  classification config needs it: fine-tuning keeps the pretrained tokenizer.
   """
+  if config.objective == "classification":
+    return _build_classification(config, tokenizer)
   d, cache = config.data, cache_dir(config)
   corpus = data_lib.load_corpus(d.corpus, cache_dir=cache)
   if tokenizer is None:
     vocab = None if d.tokenizer == "byte" else d.vocab_size
     tokenizer = data_lib.get_or_train_tokenizer(d.tokenizer, corpus, vocab, cache)
-  splits = {s: data_lib.tokenize_split(corpus, s, tokenizer, cache)
-            for s in ("train", "validation")}
-  common = dict(tokenizer=tokenizer, seq_len=d.seq_len, batch_size=config.train.batch_size,
+  make = _lm_batch_maker(config, tokenizer, config.train.batch_size)
+  return RunData(tokenizer, make(corpus, "train"), make(corpus, "validation"), corpus.name)
+
+
+def _lm_batch_maker(config, tokenizer, batch_size: int):
+  """(corpus, split) -> the objective's batch maker over that split."""
+  d, cache = config.data, cache_dir(config)
+  common = dict(tokenizer=tokenizer, seq_len=d.seq_len, batch_size=batch_size,
                 seed=config.train.seed, process_index=jax.process_index(),
                 process_count=jax.process_count())
-  if config.objective == "causal":
-    make = lambda split: data_lib.CausalLMBatches(splits[split], **common)
+
+  def make(corpus, split):
+    tokens = data_lib.tokenize_split(corpus, split, tokenizer, cache)
+    if config.objective == "causal":
+      return data_lib.CausalLMBatches(tokens, **common)
+    return data_lib.MLMBatches(
+        tokens, **common, nsp=bool(config.nsp), mask_prob=d.get("mask_prob", 0.15),
+        whole_word_masking=d.get("whole_word_masking", False))
+  return make
+
+
+def labelled_task(data_config, label_names=None):
+  """(train, validation, name) examples of config.data.task (see run_config).
+
+  `label_names` fixes the label numbering (a saved run's); by default the
+  built-in task's own, or the training file's sorted labels.
+  """
+  d = data_config
+  if d.task == stdlib_topics.NAME:
+    train, validation = stdlib_topics.stdlib_topics(d.validation_fraction)
+    return train, validation, stdlib_topics.NAME
+  fields = _label_fields(d)
+  train = data_lib.load_labeled_examples(d.task, **fields, label_names=label_names)
+  if d.validation:
+    validation = data_lib.load_labeled_examples(d.validation, **fields,
+                                                label_names=train.label_names)
   else:
-    options = dict(nsp=bool(config.nsp), mask_prob=d.get("mask_prob", 0.15),
-                   whole_word_masking=d.get("whole_word_masking", False))
-    make = lambda split: data_lib.MLMBatches(splits[split], **common, **options)
-  return RunData(tokenizer, make("train"), make("validation"), corpus.name)
+    train, validation = split_examples(train, d.validation_fraction, d.task)
+  return train, validation, Path(d.task).name
+
+
+def _label_fields(d) -> dict:
+  return dict(text_field=d.text_field, label_field=d.label_field,
+              text_pair_field=d.text_pair_field or None)
+
+
+def _classification_batches(config, examples, tokenizer, batch_size: int):
+  return data_lib.ClassificationBatches(
+      examples, tokenizer, config.data.seq_len, batch_size, config.train.seed,
+      jax.process_index(), jax.process_count())
+
+
+def _build_classification(config, tokenizer) -> RunData:
+  if tokenizer is None:
+    raise ValueError("a classification run keeps its pretrained model's tokenizer;"
+                     " none was given (research.finetune --init-from DIR).")
+  train, validation, name = labelled_task(config.data)
+  size = config.train.batch_size
+  return RunData(tokenizer, _classification_batches(config, train, tokenizer, size),
+                 _classification_batches(config, validation, tokenizer, size), name,
+                 train.label_names)
+
+
+def evaluation_batches(config, tokenizer, batch_size: int, data: str | None = None,
+                       label_names=None):
+  """(batch maker with eval_batches(), description) for evaluating a saved run.
+
+  Without `data`: the run's own validation split. With it: for a language
+  model "builtin" or "synthetic" (their validation split) or a path, folder,
+  glob or .jsonl of text, all of whose documents are evaluated; for a
+  classifier a labelled file read with the run's field names and label_names.
+  """
+  if config.objective == "classification":
+    if data is None:
+      _, examples, name = labelled_task(config.data, label_names)
+      description = f"{name} validation split"
+    else:
+      examples = data_lib.load_labeled_examples(data, **_label_fields(config.data),
+                                                label_names=label_names)
+      description = str(data)
+    return _classification_batches(config, examples, tokenizer, batch_size), description
+  if data is None or data in ("builtin", "synthetic"):
+    corpus = data_lib.load_corpus(config.data.corpus if data is None else data,
+                                  cache_dir=cache_dir(config))
+    description = f"{corpus.name} validation split"
+  else:
+    # A user's text is evaluated whole: naming it as its own validation part
+    # keeps every document (and no hash split) on the validation side.
+    corpus = data_lib.load_corpus(data, cache_dir=cache_dir(config),
+                                  validation_patterns=data)
+    description = f"{data} (all {len(corpus.validation)} documents)"
+  make = _lm_batch_maker(config, tokenizer, batch_size)
+  return make(corpus, "validation"), description

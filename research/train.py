@@ -17,16 +17,18 @@ logged step and log_every / eval_every / checkpoint.every count micro-batches.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import jax
 import numpy as np
 
 from research import checkpoint as ckpt_lib
-from research import models, objectives, optimizer, run_config, run_data, run_logging
+from research import evaluation, models, objectives, optimizer, run_config, run_data, run_logging
 from research import train_state as ts
 from research.data import load_tokenizer
 from research.parallel import replicate, shard
+from research.warm_start import WarmStart, transfer_params
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,14 +43,20 @@ def _devices(devices=None, num_devices: int | None = None):
 
 
 def train(config, workdir, *, devices=None, num_devices: int | None = None,
-          progress: bool = True, stop_at: int | None = None) -> dict:
+          progress: bool = True, stop_at: int | None = None,
+          warm_start: WarmStart | None = None) -> dict:
   """Runs (or resumes) the training job; returns the final eval summary and more.
 
   devices / num_devices pick the pmap devices (default: every local device);
   tests use them to compare 1 and 8 devices in one process. stop_at ends the
   run after that step (saving a checkpoint there), as an interruption would.
+  warm_start (research.finetune) supplies the pretrained tokenizer, model and
+  parameters a classification config starts from; a resume reads its own.
   """
   run_config.validate(config)
+  if config.objective == "classification" and warm_start is None:
+    raise ValueError("a classification config fine-tunes a pretrained run: launch it"
+                     " with research.finetune --init-from DIR.")
   devices = _devices(devices, num_devices)
   n_dev = len(devices)
   if config.train.batch_size % n_dev:
@@ -59,12 +67,19 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   latest = ckpt.latest_step()
   saved_tok = ckpt.workdir / ckpt_lib.TOKENIZER_DIR
   # On resume, the workdir's own tokenizer: the data must be tokenized as before.
-  data = run_data.build(config, load_tokenizer(saved_tok)
-                        if latest is not None and saved_tok.exists() else None)
-  model_cfg = run_config.build_model_config(config, data.tokenizer.vocab_size)
+  if latest is not None and saved_tok.exists():
+    tokenizer = load_tokenizer(saved_tok)
+  else:
+    tokenizer = warm_start.tokenizer if warm_start is not None else None
+  data = run_data.build(config, tokenizer)
+  model_cfg = run_config.build_model_config(
+      config, data.tokenizer.vocab_size,
+      warm_start.model_cfg if warm_start is not None else None,
+      len(data.label_names or ()))
   if latest is not None:
     ckpt_lib.check_compatible(workdir, model_cfg.to_dict())
-  ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict())
+  ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
+                           data.label_names)
 
   accum = config.optimizer.accumulation_steps
   updates = config.train.steps
@@ -76,14 +91,21 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   tx = optimizer.build_optimizer(opt_cfg, updates)
   lr_schedule = optimizer.learning_rate_schedule(opt_cfg, updates)
   model = models.build_model(model_cfg)
+  transfer = None
   if latest is not None:
     host_state = ckpt.restore(latest, ts.abstract(model_cfg, tx, config.train.seed))
   else:
     host_state = ts.create(model_cfg, tx, config.train.seed)
+    if warm_start is not None:
+      params, transfer = transfer_params(warm_start.params, host_state.params)
+      host_state = host_state.replace(params=params, opt_state=tx.init(params))
+      if progress:
+        print(f"warm start from {warm_start.source}: {transfer.describe()}", file=sys.stderr)
   start = int(host_state.step)
   state = replicate(host_state, devices)
   del host_state
-  p_train, p_eval = ts.pmapped_steps(model, tx, config.objective, bool(config.nsp), devices)
+  nsp = bool(config.get("nsp", False))
+  p_train, p_eval = ts.pmapped_steps(model, tx, config.objective, nsp, devices)
 
   seq_len = config.data.seq_len
   logger = run_logging.RunLogger(
@@ -93,12 +115,9 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
       run_logging.peak_flops(devices[0]), n_dev, progress)
 
   def evaluate(step):
-    totals = {}
-    for batch in data.eval.eval_batches(config.train.eval_batches or None):
-      sums = jax.device_get(p_eval(state.params, shard(batch, n_dev)))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(np.asarray(v)[0])
-    summary = objectives.summarize(totals)
+    summary = evaluation.evaluate_batches(
+        p_eval, state.params, data.eval.eval_batches(config.train.eval_batches or None),
+        n_dev)
     logger.eval(step, summary)
     return summary
 
@@ -145,7 +164,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
     ckpt.close()  # waits for an async save in flight, also on a NaN stop
     logger.close()
   return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,
-          "model": model_cfg}
+          "model": model_cfg, "transfer": transfer}
 
 
 def main(argv):

@@ -82,13 +82,25 @@ def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
 
 
 def make_eval_step(model, objective: str, nsp: bool):
+  """eval_step(params, batch) -> metric sums over all devices; run under pmap(AXIS).
+
+  Classification adds the confusion matrix, for macro-F1.
+  """
   loss_fn = objectives.loss_fn_for(objective, nsp=nsp)
 
   def eval_step(params, batch: dict):
     outputs = models.model_outputs(model, {"params": params}, batch, objective)
     _, sums = loss_fn(outputs, batch)  # padded eval rows carry weights == 0
+    if objective == "classification":
+      sums["confusion"] = objectives.confusion_matrix(
+          outputs, batch["labels"], batch["weights"])
     return jax.lax.psum(sums, AXIS)
   return eval_step
+
+
+def pmapped_eval_step(model, objective: str, nsp: bool, devices):
+  """The eval step alone, pmapped over `devices` (for evaluating a checkpoint)."""
+  return jax.pmap(make_eval_step(model, objective, nsp), axis_name=AXIS, devices=devices)
 
 
 def pmapped_steps(model, tx, objective: str, nsp: bool, devices):
@@ -96,9 +108,7 @@ def pmapped_steps(model, tx, objective: str, nsp: bool, devices):
   n = len(devices)
   p_train = jax.pmap(make_train_step(model, tx, objective, nsp, n), axis_name=AXIS,
                      devices=devices, donate_argnums=(0,))
-  p_eval = jax.pmap(make_eval_step(model, objective, nsp), axis_name=AXIS,
-                    devices=devices)
-  return p_train, p_eval
+  return p_train, pmapped_eval_step(model, objective, nsp, devices)
 
 
 def to_host(replicated):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from research.data.corpus import document_hash
 from research.data.order import BatchSchedule
 from research.data.tokenizer import Tokenizer
 
@@ -99,6 +100,41 @@ def load_labeled_examples(path: str | os.PathLike, *, text_field: str = "text",
       label_names=names,
       text_pairs=[str(record[text_pair_field]) for _, record in records] if text_pair_field
       else None)
+
+
+def split_examples(examples: LabeledExamples, validation_fraction: float,
+                   source: str = "") -> tuple[LabeledExamples, LabeledExamples]:
+  """(train, validation) by a hash of each example's text, as corpora are split.
+
+  An example goes to validation when the hash of its text (and text pair) falls
+  in the lowest `validation_fraction` of the 64-bit range, so the split does
+  not depend on the order of the file, and repeated texts land on one side.
+
+  Raises:
+    ValueError: a fraction outside (0, 1), or a part that comes out empty.
+  """
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+  threshold = int(validation_fraction * 2**64)
+  pairs = examples.text_pairs or [""] * len(examples)
+  held_out = np.array([document_hash(f"{a}\x00{b}") < threshold
+                       for a, b in zip(examples.texts, pairs)], dtype=bool)
+  if held_out.all() or not held_out.any():
+    where = f" of {source}" if source else ""
+    raise ValueError(
+        f"holding out {validation_fraction:.0%} of the {len(examples)} examples{where}"
+        f" leaves an empty {'train' if held_out.all() else 'validation'} part; give a"
+        " validation file or more examples.")
+  return _subset(examples, ~held_out), _subset(examples, held_out)
+
+
+def _subset(examples: LabeledExamples, keep: np.ndarray) -> LabeledExamples:
+  index = np.flatnonzero(keep)
+  return LabeledExamples(
+      texts=[examples.texts[i] for i in index], labels=examples.labels[index],
+      label_names=examples.label_names,
+      text_pairs=None if examples.text_pairs is None
+      else [examples.text_pairs[i] for i in index])
 
 
 def infer_label_names(labels: Sequence[str]) -> tuple[str, ...]:

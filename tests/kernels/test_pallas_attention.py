@@ -7,7 +7,6 @@ run the same checks compiled through Triton on an NVIDIA GPU.
 import functools
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

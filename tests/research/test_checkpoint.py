@@ -1,6 +1,5 @@
 """Checkpointer: save/restore round trip, keep-N, tmp dirs never loaded, shapes checked."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

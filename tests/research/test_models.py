@@ -1,7 +1,6 @@
 """build_model, parameter counts, and model_outputs feeding each objective's loss."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -124,3 +124,18 @@ def test_dispatcher_picks_the_loss_by_objective_name():
   assert objectives.loss_fn_for("classification") is objectives.classification_loss
   with pytest.raises(ValueError, match="unknown objective 'seq2seq'"):
     objectives.loss_fn_for("seq2seq")
+
+
+def test_confusion_matrix_and_macro_f1_match_a_hand_count():
+  logits = jnp.asarray(np.eye(3, dtype=np.float32)[[0, 1, 1, 2, 0, 2]])  # predictions
+  labels = jnp.asarray([0, 1, 2, 2, 1, 0])
+  weights = jnp.asarray([1, 1, 1, 1, 1, 0], jnp.float32)  # the last row is padding
+  confusion = np.asarray(objectives.confusion_matrix(logits, labels, weights))
+  np.testing.assert_array_equal(confusion, [[1, 0, 0], [1, 1, 0], [0, 1, 1]])
+  # F1 per class: 2TP / (2TP + FP + FN) = 2/3, 1/2, 2/3.
+  np.testing.assert_allclose(objectives.f1_scores(confusion), [2 / 3, 1 / 2, 2 / 3])
+  summary = objectives.summarize({"loss_sum": 1.0, "correct": 3.0, "count": 5.0,
+                                  "confusion": confusion})
+  assert summary["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+  # A class neither true nor predicted scores 0 rather than being skipped.
+  np.testing.assert_allclose(objectives.f1_scores(np.diag([2.0, 0.0])), [1.0, 0.0])

@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from research import run_config
-from tests.research.test_train import load_experiment
+from research import model_config, run_config
+from tests.research.conftest import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ["tiny_gpt", "tiny_bert", "gpt2_small", "bert_base", "tiny_gpt_synthetic"]
@@ -86,3 +86,27 @@ def test_bad_values():
   config.data.seq_len = 4096
   with pytest.raises(ValueError, match="max_len"):
     run_config.build_model_config(config, 300)
+
+
+def test_classification_configs_have_their_own_schema():
+  config = load_experiment("finetune_topics")
+  run_config.validate(config)
+  with config.unlocked():
+    config.model.num_layers = 2
+  with pytest.raises(ValueError, match="unknown keys in config.model: config.model.num_layers"):
+    run_config.validate(config)
+  config = load_experiment("finetune_topics")
+  config.data.validation_fraction = 1.0
+  with pytest.raises(ValueError, match="validation_fraction must be in"):
+    run_config.validate(config)
+
+
+def test_the_classifier_config_is_the_pretrained_model_with_a_head():
+  config = load_experiment("finetune_topics")
+  pretrained = model_config.presets["tiny_bert"](vocab_size=100, max_len=128)
+  cfg = run_config.build_model_config(config, 100, pretrained, num_labels=5)
+  assert cfg == pretrained.replace(num_labels=5, mlm=False, nsp=False, dropout=0.1)
+  with pytest.raises(ValueError, match="the tokenizer has 99 tokens but the pretrained model 100"):
+    run_config.build_model_config(config, 99, pretrained, num_labels=5)
+  with pytest.raises(ValueError, match="at least 2 labels"):
+    run_config.build_model_config(config, 100, pretrained, num_labels=1)

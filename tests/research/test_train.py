@@ -2,9 +2,7 @@
 mismatched checkpoints, the MLM and Pallas paths. Tiny model on the synthetic
 corpus with the byte tokenizer (nothing to train, quick to tokenize)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,16 +10,7 @@ import pytest
 
 from research import checkpoint as ckpt_lib
 from research import run_logging, train
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_experiment(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
+from tests.research.conftest import load_experiment
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):

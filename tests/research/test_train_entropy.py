@@ -10,15 +10,15 @@ import pytest
 
 from research import train
 from research.data import synthetic_corpus
-from tests.research.test_train import cache_dir, load_experiment  # noqa: F401 (fixture)
+from tests.research.conftest import load_experiment
 
 GAP = 0.05  # nats/char allowed above the entropy rate (observed 0.011)
 
 
 @pytest.mark.slow
-def test_validation_loss_approaches_entropy_rate(tmp_path, cache_dir):
+def test_validation_loss_approaches_entropy_rate(tmp_path, shared_cache_dir):
   config = load_experiment("tiny_gpt_synthetic")
-  config.data.cache_dir = cache_dir
+  config.data.cache_dir = shared_cache_dir
   out = train.train(config, tmp_path, progress=False)
   entropy = synthetic_corpus()[1].entropy_rate()
   loss = out["eval"]["loss"]

@@ -1,0 +1,148 @@
+"""Evaluates a saved checkpoint: validation loss and perplexity, MLM / NSP accuracy,
+or a fine-tuned classifier's accuracy and macro-F1.
+
+  python -m research.evaluate --workdir runs/tiny_gpt
+  python -m research.evaluate --workdir runs/tiny_gpt --step 200 --data notes/*.txt
+  python -m research.evaluate --workdir runs/topics --data reviews_test.csv
+
+The model, tokenizer and data settings come from the workdir (see
+research.saved_run); only the parameters are restored, on as many devices as
+this machine has (or --num_devices), whatever the run trained on. The metrics
+are printed and written as JSON to --output, by default
+DIR/eval/step_<N>[-<data>].json.
+
+  causal          loss (nats per token), perplexity = exp(loss), accuracy
+                  (next-token argmax)
+  mlm             loss, perplexity and accuracy over the masked tokens (the
+                  masks are a fixed function of the run's seed, so two
+                  evaluations agree exactly); nsp_loss and nsp_accuracy with NSP
+  classification  loss, accuracy, macro_f1 and the confusion matrix
+                  ([true][predicted], in label_names order)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import jax
+
+from research import models, run_data, saved_run
+from research import train_state as ts
+from research.evaluation import evaluate_batches
+from research.parallel import replicate
+
+EVAL_DIR = "eval"
+
+
+def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
+                 num_devices: int | None = None, batch_size: int | None = None,
+                 max_batches: int | None = None) -> dict:
+  """Evaluates the checkpoint at `step` (newest: None) of the run in `workdir`.
+
+  Args:
+    data: None for the run's validation split; otherwise what
+      run_data.evaluation_batches accepts (a corpus name or text path for a
+      language model, a labelled CSV / TSV / JSON Lines file for a classifier).
+    num_devices: local devices to spread the batches over (default all).
+    batch_size: global evaluation batch (default the run's train.batch_size);
+      a multiple of the device count.
+    max_batches: evaluate only the first this many batches (default all).
+
+  Returns:
+    {"workdir", "step", "objective", "data", "metrics": {...}}; classification
+    adds "label_names".
+
+  Raises:
+    FileNotFoundError / ValueError: a missing run, step or data file, a
+      checkpoint that does not fit the run's model, or a bad batch size.
+  """
+  run = saved_run.open_run(workdir)
+  step = run.resolve_step(step)
+  devices = jax.local_devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f"num_devices={num_devices}, but this machine has"
+                       f" {len(devices)} local devices.")
+    devices = devices[:num_devices]
+  batch_size = run.config.train.batch_size if batch_size is None else batch_size
+  if batch_size < 1 or batch_size % len(devices):
+    raise ValueError(f"the evaluation batch size ({batch_size}) must be a positive"
+                     f" multiple of the {len(devices)} devices; pass --batch_size.")
+  if max_batches is not None and max_batches < 1:
+    raise ValueError(f"max_batches must be >= 1, got {max_batches}.")
+  # Data first: a bad --data fails before the checkpoint is read.
+  batches, description = run_data.evaluation_batches(
+      run.config, run.tokenizer, batch_size, data, run.label_names)
+  _, params = run.restore_params(step)
+  model = models.build_model(run.model_cfg)
+  nsp = bool(run.config.get("nsp", False))
+  p_eval = ts.pmapped_eval_step(model, run.objective, nsp, devices)
+  metrics = evaluate_batches(p_eval, replicate(params, devices),
+                             batches.eval_batches(max_batches), len(devices))
+  result = {"workdir": str(run.workdir), "step": step, "objective": run.objective,
+            "data": description, "devices": len(devices), "batch_size": batch_size,
+            "metrics": metrics}
+  if run.label_names is not None:
+    result["label_names"] = list(run.label_names)
+  return result
+
+
+def default_output(workdir, step: int, data: str | None) -> Path:
+  """DIR/eval/step_<N>.json, or step_<N>-<data name>.json for other data."""
+  suffix = ""
+  if data is not None:
+    suffix = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name.replace("*", "all"))
+  return Path(workdir) / EVAL_DIR / f"step_{step}{suffix}.json"
+
+
+def write_json(result: dict, path: Path) -> None:
+  """Writes atomically: a reader never sees half a file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  partial.write_text(json.dumps(result, indent=2) + "\n")
+  os.replace(partial, path)
+
+
+def format_metrics(result: dict) -> str:
+  m = result["metrics"]
+  lines = [f"{result['workdir']} step {result['step']} ({result['objective']}) on"
+           f" {result['data']}: {m['batches']} batches, {m['tokens']:.0f}"
+           f" {'examples' if result['objective'] == 'classification' else 'tokens'}"]
+  for key in ("loss", "perplexity", "accuracy", "macro_f1", "nsp_loss", "nsp_accuracy"):
+    if key in m:
+      lines.append(f"  {key:<13}{m[key]:.4f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that it opens a folder read-only.
+  f = flags.FLAGS
+  try:
+    result = evaluate_run(f.workdir, step=f.step, data=f.data, num_devices=f.num_devices,
+                          batch_size=f.batch_size, max_batches=f.max_batches)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  output = Path(f.output) if f.output else default_output(f.workdir, result["step"], f.data)
+  write_json(result, output)
+  print(format_metrics(result))
+  print(f"written to {output}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "the run folder (config.json, tokenizer/, checkpoints/)")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+  flags.DEFINE_string("data", None, "other evaluation data (default: the run's validation split)")
+  flags.DEFINE_integer("num_devices", None, "local devices to use (default: all)")
+  flags.DEFINE_integer("batch_size", None, "global batch (default: the run's train.batch_size)")
+  flags.DEFINE_integer("max_batches", None, "evaluate only this many batches")
+  flags.DEFINE_string("output", None, "JSON file (default: DIR/eval/step_<N>.json)")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

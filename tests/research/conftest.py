@@ -1,0 +1,75 @@
+"""Trained tiny runs shared by the evaluation, generation and fine-tuning tests.
+
+Each is trained once per test worker on the synthetic Markov corpus with the
+byte tokenizer (nothing to train, one token per character, and a corpus a
+2-layer model learns within tens of steps), on all 8 fake CPU devices, so the
+tests that reload them also prove a checkpoint moves to another device count.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from research import train
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_STEPS = 40
+
+
+def load_experiment(name: str):
+  """experiments/<name>.py's get_config()."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("fusedlm_shared_cache"))
+
+
+def _small(config, cache_dir: str, steps: int):
+  config.data.cache_dir = cache_dir
+  config.data.seq_len = 64
+  config.train.steps = steps
+  config.train.batch_size = 16
+  config.train.log_every = 10
+  config.train.eval_every = steps
+  config.train.eval_batches = 4
+  config.optimizer.warmup_steps = 5
+  config.checkpoint.every = steps // 2
+  config.checkpoint.keep = 3
+  return config
+
+
+def tiny_gpt_config(cache_dir: str, steps: int = TRAIN_STEPS):
+  """The synthetic tiny GPT (2 layers, width 64, seq 64), batch 16."""
+  return _small(load_experiment("tiny_gpt_synthetic"), cache_dir, steps)
+
+
+def tiny_bert_config(cache_dir: str, steps: int = TRAIN_STEPS):
+  """tiny_bert shrunk like tiny_gpt_synthetic, on the same corpus and tokenizer."""
+  config = load_experiment("tiny_bert")
+  config.model.update(num_layers=2, hidden_size=64, num_heads=2, mlp_dim=256,
+                      max_len=64, attention="xla")
+  config.data.update(corpus="synthetic", tokenizer="byte", vocab_size=261)
+  config.optimizer.learning_rate = 5e-3
+  return _small(config, cache_dir, steps)
+
+
+@pytest.fixture(scope="session")
+def trained_gpt(tmp_path_factory, shared_cache_dir) -> Path:
+  """Workdir of a tiny GPT trained TRAIN_STEPS steps (checkpoints at half and end)."""
+  workdir = tmp_path_factory.mktemp("trained_gpt")
+  train.train(tiny_gpt_config(shared_cache_dir), workdir, progress=False)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_bert(tmp_path_factory, shared_cache_dir) -> Path:
+  """Workdir of a tiny BERT (MLM + NSP) trained TRAIN_STEPS steps."""
+  workdir = tmp_path_factory.mktemp("trained_bert")
+  train.train(tiny_bert_config(shared_cache_dir), workdir, progress=False)
+  return workdir
