@@ -118,8 +118,14 @@ def read_metrics(workdir, split: str = "train") -> dict[int, dict]:
   rows = {}
   path = Path(workdir) / "metrics.jsonl"
   if path.exists():
-    for line in path.read_text().splitlines():
-      row = json.loads(line)
-      if row["split"] == split:
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        if number == len(lines):
+          break  # the half-written last row of a run killed mid-write
+        raise ValueError(f"{path}:{number}: not a JSON row") from None
+      if row.get("split") == split:
         rows[row["step"]] = row
   return rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,15 @@ def restore_params(directory: Path, step: int, model_cfg: ModelConfig):
 def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
   # A fresh manager per call: a manager that saved with StandardSave keeps that
   # handler and would refuse the partial PyTreeRestore used here.
-  return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, save_interval_steps=0))
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # Orbax warns that the folder is read-only: it is meant to be.
+  try:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0))
+  finally:
+    absl_logger.setLevel(level)
 
 
 def _incomplete_note(directory: Path) -> str:
