@@ -112,7 +112,9 @@ def format_metrics(result: dict) -> str:
   lines = [f"{result['workdir']} step {result['step']} ({result['objective']}) on"
            f" {result['data']}: {m['batches']} batches, {m['tokens']:.0f}"
            f" {'examples' if result['objective'] == 'classification' else 'tokens'}"]
-  for key in ("loss", "perplexity", "accuracy", "macro_f1", "nsp_loss", "nsp_accuracy"):
+  keys = ("loss", "accuracy", "macro_f1") if result["objective"] == "classification" else (
+      "loss", "perplexity", "accuracy", "nsp_loss", "nsp_accuracy")
+  for key in keys:
     if key in m:
       lines.append(f"  {key:<13}{m[key]:.4f}")
   return "\n".join(lines)

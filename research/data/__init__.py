@@ -4,6 +4,7 @@ Modules, one concern each:
   corpus          the Corpus type and train/validation splitting
   stdlib_corpus   the built-in corpus from the Python standard library
   synthetic       a Markov-chain corpus with an exactly known entropy rate
+  stdlib_topics   the built-in labelled task (docstrings by library area)
   user_corpus     text files, folders, globs and JSON Lines
   sources         a config string -> Corpus
   tokenizer       train / load / save tokenizers (Hugging Face `tokenizers`)
