@@ -10,7 +10,7 @@ import pytest
 
 from research import checkpoint as ckpt_lib
 from research import run_logging, train
-from tests.research.conftest import load_experiment
+from tests.research.conftest import tiny_gpt_config
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
@@ -18,19 +18,12 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_config(cache_dir, steps=6, **train_overrides):
-  """2 layers, width 64, seq 64, batch 8; logs every step, checkpoints every 2."""
-  config = load_experiment("tiny_gpt_synthetic")
-  config.data.cache_dir = cache_dir
-  config.data.seq_len = 64
-  config.train.steps = steps
-  config.train.batch_size = 8
-  config.train.log_every = 1
-  config.train.eval_every = steps
-  config.train.eval_batches = 2
-  config.optimizer.warmup_steps = 2
-  config.checkpoint.every = 2
-  config.checkpoint.keep = 5
+  """conftest's tiny GPT at batch 8; logs every step, checkpoints every 2."""
+  config = tiny_gpt_config(cache_dir, steps)
+  config.train.update(batch_size=8, log_every=1, eval_batches=2)
   config.train.update(train_overrides)
+  config.optimizer.warmup_steps = 2
+  config.checkpoint.update(every=2, keep=5)
   return config
 
 
