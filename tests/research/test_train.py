@@ -12,6 +12,7 @@ from research import checkpoint as ckpt_lib
 from research import run_logging, train
 from tests.research.conftest import tiny_gpt_config
 
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("fusedlm_cache"))
