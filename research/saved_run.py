@@ -85,7 +85,12 @@ class SavedRun:
         fit config.json's model (each differing leaf named).
     """
     step = self.resolve_step(step)
-    return step, restore_params(self.checkpoint_dir, step, self.model_cfg)
+    try:
+      return step, restore_params(self.checkpoint_dir, step, self.model_cfg)
+    except ValueError as e:
+      others = [s for s in self.steps if s != step]
+      raise ValueError(f"{e}. Other checkpoints in {self.checkpoint_dir}: steps"
+                       f" {others or 'none'}.") from e
 
 
 def open_run(workdir: str | os.PathLike) -> SavedRun:
