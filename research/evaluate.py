@@ -123,7 +123,7 @@ def format_metrics(result: dict) -> str:
 def main(argv):
   del argv
   from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that it opens a folder read-only.
+  logging.set_verbosity(logging.WARNING)  # app.run logs INFO: JAX's backend probe, Orbax.
   f = flags.FLAGS
   try:
     result = evaluate_run(f.workdir, step=f.step, data=f.data, num_devices=f.num_devices,

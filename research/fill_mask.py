@@ -257,7 +257,7 @@ def to_json(workdir, step: int, top_k: int, texts: Sequence[str],
 def main(argv):
   del argv
   from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only restore.
+  logging.set_verbosity(logging.WARNING)  # app.run logs INFO: JAX's backend probe, Orbax.
   FLAGS = flags.FLAGS
   try:
     run = saved_run.open_run(FLAGS.workdir)

@@ -48,7 +48,7 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
 def main(argv):
   del argv
   from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that it opens a folder read-only.
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
   f = flags.FLAGS
   try:
     result = finetune(f.config, f.workdir, f["init-from"].value)

@@ -63,7 +63,7 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
 
 def main(argv):
   from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that the run is opened read-only.
+  logging.set_verbosity(logging.WARNING)  # app.run logs INFO: JAX's backend probe, Orbax.
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; pass each prompt as --prompt TEXT.")
   FLAGS = flags.FLAGS

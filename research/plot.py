@@ -130,8 +130,7 @@ def _plot_mfu(ax, train_rows: dict[int, dict]) -> None:
 
 def main(argv):
   del argv
-  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.ERROR)
+  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   try:
     path = plot_run(flags.FLAGS.workdir, flags.FLAGS.out)
   except (ValueError, FileNotFoundError) as e:
