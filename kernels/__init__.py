@@ -5,12 +5,13 @@ from kernels.attention import (
     dot_product_attention,
     resolve_implementation,
 )
-from kernels.pallas_attention import BlockSizes, flash_attention
+from kernels.pallas_attention import BlockSizes, TritonBackendNotice, flash_attention
 from kernels.reference import reference_attention
 
 __all__ = [
     "BlockSizes",
     "IMPLEMENTATIONS",
+    "TritonBackendNotice",
     "dot_product_attention",
     "flash_attention",
     "reference_attention",

@@ -19,9 +19,13 @@ exponentials are `exp2`, as in FlashAttention-2's Triton kernels.
 
 Grouped-query heads index their key/value head in the BlockSpec (head h reads
 kv head h // group), so K and V are never repeated; the dK/dV kernel sums the
-group's query heads in its loop. Blocks that the causal mask hides are
-skipped by the loop bounds; blocks whose query and key segment-id ranges do
-not overlap are skipped by a branch.
+group's query heads in its loop. Blocks are skipped only through loop
+bounds, never by a branch, so every load in a loop is unconditional and
+Triton's software pipeliner can make it asynchronous (cp.async): the causal
+diagonal bounds each loop, and so do per-block ranges of the blocks whose
+segment ids can meet (`segment_block_ranges`); within them hidden pairs are
+masked with `where`. The dK/dV kernel works on transposed tiles (S^T) so
+that each of its products has block_k_dkv rows, enough for Hopper's wgmma.
 
 The wrapper pads sequence lengths to the block sizes and the head dimension to
 a power of two (Triton tiles are powers of two); padded keys are masked and
@@ -33,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +51,41 @@ LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # Smallest tile the tensor-core dot takes.
 _SMEM_BYTES = 227 * 1024  # Largest shared-memory carve-out per block (H100).
 
+# JAX >= 0.11 deprecates Pallas' Triton backend, through which this kernel is
+# compiled, and says so with a DeprecationWarning on every lowering of every
+# kernel (three per compiled fwd+bwd). We replace it with one notice of ours
+# per process (`_notice_triton_deprecation`), which says what it means here.
+_JAX_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+warnings.filterwarnings("ignore", message=_JAX_TRITON_DEPRECATION,
+                        category=DeprecationWarning)
+
+
+class TritonBackendNotice(FutureWarning):
+  """JAX deprecates the Pallas backend this kernel is compiled through."""
+
+
+_noticed = False
+
+
+def _notice_triton_deprecation() -> None:
+  """Warns once per process, on JAX >= 0.11, when the kernel is compiled for a GPU."""
+  global _noticed
+  if _noticed or jax.__version_info__ < (0, 11):
+    return
+  _noticed = True
+  warnings.warn(
+      f"JAX {jax.__version__} deprecates Pallas' Triton backend, through which"
+      " fusedlm's attention kernel (implementation='pallas') is compiled on"
+      " NVIDIA GPUs. It still works, with the same results, on this JAX:"
+      " nothing to change now. If a later JAX removes the backend, pick"
+      " implementation='cudnn' (the fastest on Hopper; bfloat16/float16, no"
+      " segment ids) or implementation='xla' (every mask, but it"
+      " materialises the scores). Shown once per process; silence it with"
+      " warnings.filterwarnings('ignore',"
+      " category=kernels.TritonBackendNotice).",
+      TritonBackendNotice, stacklevel=2,
+  )
+
 
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
@@ -58,8 +98,11 @@ class BlockSizes:
   block_q / block_k: query rows and key columns per tile of the forward;
   *_dkv: tiles of the dK/dV kernel (block_k_dkv key rows own a program);
   *_dq: tiles of the dQ kernel (block_q_dq query rows own a program).
+  num_warps_bwd / num_stages_bwd launch the dK/dV kernel, and the dQ kernel
+  too unless num_warps_dq / num_stages_dq are given.
   Blocks are clamped to the (power-of-two-rounded) sequence length, so the
-  same BlockSizes serves short and long sequences.
+  same BlockSizes serves short and long sequences. On a Hopper GPU a tile
+  side of 64 or more rows lets Triton use wgmma (see `get_default`).
   """
 
   block_q: int = 128
@@ -72,6 +115,8 @@ class BlockSizes:
   num_stages_fwd: int = 3
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
+  num_warps_dq: int | None = None
+  num_stages_dq: int | None = None
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
@@ -84,30 +129,49 @@ class BlockSizes:
             f"BlockSizes.{field} must be at least {_MIN_BLOCK} (the smallest"
             f" matrix-unit tile), got {value}."
         )
-    for field in ("num_warps_fwd", "num_warps_bwd"):
+    for field in ("num_warps_fwd", "num_warps_bwd", "num_warps_dq"):
       value = getattr(self, field)
+      if value is None and field == "num_warps_dq":
+        continue
       if value not in (1, 2, 4, 8, 16):
         raise ValueError(f"BlockSizes.{field} must be 1, 2, 4, 8 or 16, got {value}.")
-    for field in ("num_stages_fwd", "num_stages_bwd"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"BlockSizes.{field} must be >= 1.")
+    for field in ("num_stages_fwd", "num_stages_bwd", "num_stages_dq"):
+      value = getattr(self, field)
+      if value is None and field == "num_stages_dq":
+        continue
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"BlockSizes.{field} must be an int >= 1, got {value}.")
 
   @classmethod
-  def get_default(cls, head_dim: int) -> "BlockSizes":
+  def get_default(cls, head_dim: int, dtype=None) -> "BlockSizes":
     """The settings table, by padded head dimension.
 
-    Starting points from FlashAttention-2's Triton kernels, not yet tuned
-    on a GPU for this kernel (see BENCHMARKS.md).
+    Chosen without a GPU from what the compiler makes of each kernel for
+    sm_90a (`python -m kernels.inspect`; BENCHMARKS.md, tuning notes): every
+    kernel below compiles without register spills, its K/V loads pipelined
+    (cp.async), and its products on wgmma (every tile side that is a
+    product's M is >= 64). The dK/dV kernel holds two float32 [block_k_dkv,
+    d] accumulators, so it gets 8 warps at every head dim. Timings on a GPU
+    are still to come. dtype (default bfloat16) matters only at head dims
+    over 128, where float32 tiles fit one pipeline stage, not two.
     """
     padded = _padded_head_dim(head_dim)
+    wide = dtype is not None and jnp.dtype(dtype).itemsize > 2
     if padded <= 64:
-      return cls(block_q=128, block_k=64, num_warps_fwd=4, num_stages_fwd=3)
+      return cls(block_q=128, block_k=64, num_warps_fwd=4, num_stages_fwd=3,
+                 block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8,
+                 num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
+                 num_warps_dq=4, num_stages_dq=2)
     if padded <= 128:
       return cls(block_q=128, block_k=64, num_warps_fwd=8, num_stages_fwd=2,
-                 num_warps_bwd=8)
-    return cls(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
-               block_q_dq=64, block_k_dq=32, num_warps_fwd=8,
-               num_stages_fwd=1, num_warps_bwd=8, num_stages_bwd=1)
+                 block_q_dkv=32, block_k_dkv=128, num_warps_bwd=8,
+                 num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
+                 num_warps_dq=8, num_stages_dq=2)
+    stages = 1 if wide else 2
+    return cls(block_q=64, block_k=32, num_warps_fwd=8, num_stages_fwd=stages,
+               block_q_dkv=32, block_k_dkv=64, num_warps_bwd=8,
+               num_stages_bwd=stages, block_q_dq=64, block_k_dq=32,
+               num_warps_dq=8, num_stages_dq=stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,34 +213,51 @@ def _dot(a, b, contract_a: int, contract_b: int):
   )
 
 
+def _visible(q_pos, k_pos, q_segments, kv_segments, block_k: int, st: _Static):
+  """Which (query, key) pairs of a tile may attend, or None if all may.
+
+  Positions and segment ids come shaped to broadcast against each other:
+  [block_q, 1] against [1, block_k] for a tile of S, or the transpose for a
+  tile of S^T (the dK/dV kernel).
+  """
+  visible = None
+  if st.causal:
+    visible = k_pos <= q_pos + st.offset
+  if st.has_segments:
+    # Padded keys carry PAD_SEGMENT, so this also hides the padded tail.
+    same = q_segments == kv_segments
+    visible = same if visible is None else visible & same
+  elif st.kv_len % block_k:
+    tail = k_pos < st.kv_len
+    visible = tail if visible is None else visible & tail
+  return visible
+
+
 def _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st: _Static):
   """Scores S * log2(e) of one tile, [block_q, block_k] float32, -inf where hidden."""
   s = _dot(q, k, 1, 1) * st.scale_log2
   block_q, block_k = s.shape
-  visible = None
-  if st.causal:
-    rows = q_start + jnp.arange(block_q)[:, None]
-    cols = k_start + jnp.arange(block_k)[None, :]
-    visible = cols <= rows + st.offset
-  if st.has_segments:
-    # Padded keys carry PAD_SEGMENT, so this also hides the padded tail.
-    same = q_segments[:, None] == kv_segments[None, :]
-    visible = same if visible is None else visible & same
-  elif st.kv_len % block_k:
-    cols = k_start + jnp.arange(block_k)[None, :]
-    tail = cols < st.kv_len
-    visible = tail if visible is None else visible & tail
+  visible = _visible(
+      q_start + jnp.arange(block_q)[:, None], k_start + jnp.arange(block_k)[None, :],
+      None if q_segments is None else q_segments[:, None],
+      None if kv_segments is None else kv_segments[None, :], block_k, st)
   return s if visible is None else jnp.where(visible, s, -jnp.inf)
 
 
-def _ranges_overlap(a, b):
-  """Whether two id vectors can share a value (their [min, max] ranges meet)."""
-  return (jnp.min(a) <= jnp.max(b)) & (jnp.min(b) <= jnp.max(a))
+def _masked_scores_t(k, q, k_start, q_start, kv_segments, q_segments, st: _Static):
+  """S^T * log2(e) of one tile, [block_k, block_q]: keys are the rows.
 
-
-def _skip_hidden(body, overlap):
-  """Runs body(carry) only where the segment ranges meet (a fully hidden tile)."""
-  return lambda carry: lax.cond(overlap, body, lambda c: c, carry)
+  The dK/dV kernel's products all have block_k rows this way (K Q^T, V dO^T,
+  dS^T Q, P^T dO), so with block_k >= 64 every one of them can be a Hopper
+  wgmma, whose M (rows) must be a multiple of 64.
+  """
+  s = _dot(k, q, 1, 1) * st.scale_log2
+  block_k, block_q = s.shape
+  visible = _visible(
+      q_start + jnp.arange(block_q)[None, :], k_start + jnp.arange(block_k)[:, None],
+      None if q_segments is None else q_segments[None, :],
+      None if kv_segments is None else kv_segments[:, None], block_k, st)
+  return s if visible is None else jnp.where(visible, s, -jnp.inf)
 
 
 def _kv_blocks_upper(q_start, block_q: int, block_k: int, st: _Static):
@@ -190,20 +271,59 @@ def _kv_blocks_upper(q_start, block_q: int, block_k: int, st: _Static):
   return jnp.minimum(upper, last)
 
 
+def segment_block_ranges(q_segments, kv_segments, block_q: int, block_k: int):
+  """For each query block, the key blocks its segments can meet, and vice versa.
+
+  q_segments [batch, q_pad], kv_segments [batch, kv_pad] (padded lengths,
+  multiples of the blocks). Returns (kv_range [batch, q_pad // block_q, 2],
+  q_range [batch, kv_pad // block_k, 2]) int32: [first, last + 1) of the
+  blocks on the other side whose segment-id ranges [min, max] overlap this
+  block's, [0, 0) when none does. A block outside that range shares no
+  segment id with this one, so the kernels skip it through their loop bounds
+  and load every block inside unconditionally (masking with `where`): a load
+  under a branch is one Triton's software pipeliner leaves synchronous. For
+  sorted ids (packed documents) the range is exactly the overlapping blocks;
+  for unsorted ids it may hold some that are then fully masked.
+  """
+  b = q_segments.shape[0]
+  q_blocks = q_segments.reshape(b, -1, block_q)
+  kv_blocks = kv_segments.reshape(b, -1, block_k)
+  q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)
+  kv_min, kv_max = kv_blocks.min(-1), kv_blocks.max(-1)
+  # meet[b, i, j]: query block i and key block j may share an id.
+  meet = ((q_min[:, :, None] <= kv_max[:, None, :])
+          & (kv_min[:, None, :] <= q_max[:, :, None]))
+
+  def first_and_end(meet):  # over the last axis
+    n = meet.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(meet, index, n), axis=-1)
+    end = jnp.max(jnp.where(meet, index + 1, 0), axis=-1)
+    first = jnp.minimum(first, end)  # [0, 0) -> empty when nothing meets
+    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
+
+  return first_and_end(meet), first_and_end(jnp.swapaxes(meet, 1, 2))
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, block_q, block_k):
-  # q_ref [block_q, d]; k_ref, v_ref [kv_pad, d]; o_ref [block_q, d]; lse_ref [block_q]
+  # q_ref [block_q, d]; k_ref, v_ref [kv_pad, d]; o_ref [block_q, d];
+  # lse_ref [block_q]; with segments: q_seg_ref [block_q], kv_seg_ref [kv_pad],
+  # range_ref [2] (the key blocks these rows' segments meet).
   if st.has_segments:
-    q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+    q_seg_ref, kv_seg_ref, range_ref, o_ref, lse_ref = refs
   else:
     o_ref, lse_ref = refs
   q_start = pl.program_id(0) * block_q
   q = q_ref[...]
   q_segments = q_seg_ref[...] if st.has_segments else None
 
-  def visit(k_start, kv_segments, carry):
+  def body(j, carry):
     acc, m_prev, l_prev = carry
+    k_start = j * block_k
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
+    kv_segments = (kv_seg_ref[pl.ds(k_start, block_k)]
+                   if st.has_segments else None)
     s = _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # A row that has seen only hidden keys keeps m = -inf; shift it by 0
@@ -215,22 +335,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, block_q, block_k):
     acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
     return acc, m_next, l_next
 
-  def body(j, carry):
-    k_start = j * block_k
-    if not st.has_segments:
-      return visit(k_start, None, carry)
-    kv_segments = kv_seg_ref[pl.ds(k_start, block_k)]
-    step = functools.partial(visit, k_start, kv_segments)
-    return _skip_hidden(step, _ranges_overlap(q_segments, kv_segments))(carry)
-
   head_dim = q.shape[-1]
   carry = (
       jnp.zeros((block_q, head_dim), jnp.float32),
       jnp.full((block_q,), -jnp.inf, jnp.float32),
       jnp.zeros((block_q,), jnp.float32),
   )
-  upper = _kv_blocks_upper(q_start, block_q, block_k, st)
-  acc, m, l = lax.fori_loop(0, upper, body, carry)
+  lower, upper = 0, _kv_blocks_upper(q_start, block_q, block_k, st)
+  if st.has_segments:
+    lower, upper = range_ref[0], jnp.minimum(upper, range_ref[1])
+  acc, m, l = lax.fori_loop(lower, upper, body, carry)
   # Final rescaling (FlashAttention-2, Algorithm 1, line 12); empty rows -> 0.
   empty = l == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -241,9 +355,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, block_q, block_k):
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                 st: _Static, block_q, block_k):
   # q_ref, do_ref [q_pad, group, d]; lse_ref, delta_ref [group, q_pad];
-  # k_ref, v_ref, dk_ref, dv_ref [block_k, d]
+  # k_ref, v_ref, dk_ref, dv_ref [block_k, d]; with segments: q_seg_ref
+  # [q_pad], kv_seg_ref [block_k], range_ref [2] (query blocks they meet).
+  # Works on transposed tiles (S^T, P^T, dP^T, dS^T: [block_k, block_q]),
+  # so that every product has block_k rows (see _masked_scores_t).
   if st.has_segments:
-    q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
+    q_seg_ref, kv_seg_ref, range_ref, dk_ref, dv_ref = refs
   else:
     dk_ref, dv_ref = refs
   k_start = pl.program_id(0) * block_k
@@ -251,34 +368,33 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   v = v_ref[...]
   kv_segments = kv_seg_ref[...] if st.has_segments else None
 
-  def visit(g, q_start, q_segments, carry):
-    dk, dv = carry
-    q = q_ref[pl.ds(q_start, block_q), g, :]
-    do = do_ref[pl.ds(q_start, block_q), g, :]
-    lse = lse_ref[g, pl.ds(q_start, block_q)]
-    delta = delta_ref[g, pl.ds(q_start, block_q)]
-    s = _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st)
-    p = jnp.exp2(s - lse[:, None])  # [block_q, block_k]
-    dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
-    dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta[:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
-    return dk, dv
+  lower, upper = 0, pl.cdiv(st.q_len, block_q)
+  if st.causal:
+    # First query row that sees key k_start is k_start - offset.
+    lower = lax.div(jnp.maximum(k_start - st.offset, 0), block_q)
+  if st.has_segments:
+    lower = jnp.maximum(lower, range_ref[0])
+    upper = jnp.minimum(upper, range_ref[1])
 
   def over_q_blocks(g, carry):
     def body(i, carry):
+      dk, dv = carry
       q_start = i * block_q
-      if not st.has_segments:
-        return visit(g, q_start, None, carry)
-      q_segments = q_seg_ref[pl.ds(q_start, block_q)]
-      step = functools.partial(visit, g, q_start, q_segments)
-      return _skip_hidden(step, _ranges_overlap(q_segments, kv_segments))(carry)
+      q = q_ref[pl.ds(q_start, block_q), g, :]
+      do = do_ref[pl.ds(q_start, block_q), g, :]
+      lse = lse_ref[g, pl.ds(q_start, block_q)]
+      delta = delta_ref[g, pl.ds(q_start, block_q)]
+      q_segments = (q_seg_ref[pl.ds(q_start, block_q)]
+                    if st.has_segments else None)
+      s_t = _masked_scores_t(k, q, k_start, q_start, kv_segments, q_segments, st)
+      p_t = jnp.exp2(s_t - lse[None, :])  # [block_k, block_q]
+      dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
+      dp_t = _dot(v, do, 1, 1)
+      ds_t = p_t * (dp_t - delta[None, :])
+      dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
+      return dk, dv
 
-    lower = 0
-    if st.causal:
-      # First query row that sees key k_start is k_start - offset.
-      lower = lax.div(jnp.maximum(k_start - st.offset, 0), block_q)
-    return lax.fori_loop(lower, pl.cdiv(st.q_len, block_q), body, carry)
+    return lax.fori_loop(lower, upper, body, carry)
 
   head_dim = k.shape[-1]
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
@@ -290,9 +406,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                st: _Static, block_q, block_k):
   # q_ref, do_ref, dq_ref [block_q, d]; k_ref, v_ref [kv_pad, d];
-  # lse_ref, delta_ref [block_q]
+  # lse_ref, delta_ref [block_q]; with segments: q_seg_ref [block_q],
+  # kv_seg_ref [kv_pad], range_ref [2] (key blocks these rows' segments meet).
   if st.has_segments:
-    q_seg_ref, kv_seg_ref, dq_ref = refs
+    q_seg_ref, kv_seg_ref, range_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
   q_start = pl.program_id(0) * block_q
@@ -302,24 +419,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   delta = delta_ref[...]
   q_segments = q_seg_ref[...] if st.has_segments else None
 
-  def visit(k_start, kv_segments, dq):
+  def body(j, dq):
+    k_start = j * block_k
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
+    kv_segments = (kv_seg_ref[pl.ds(k_start, block_k)]
+                   if st.has_segments else None)
     s = _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st)
     p = jnp.exp2(s - lse[:, None])
     ds = p * (_dot(do, v, 1, 1) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k, 1, 0)
 
-  def body(j, dq):
-    k_start = j * block_k
-    if not st.has_segments:
-      return visit(k_start, None, dq)
-    kv_segments = kv_seg_ref[pl.ds(k_start, block_k)]
-    step = functools.partial(visit, k_start, kv_segments)
-    return _skip_hidden(step, _ranges_overlap(q_segments, kv_segments))(dq)
-
-  upper = _kv_blocks_upper(q_start, block_q, block_k, st)
-  dq = lax.fori_loop(0, upper, body, jnp.zeros(q.shape, jnp.float32))
+  lower, upper = 0, _kv_blocks_upper(q_start, block_q, block_k, st)
+  if st.has_segments:
+    lower, upper = range_ref[0], jnp.minimum(upper, range_ref[1])
+  dq = lax.fori_loop(lower, upper, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -339,6 +453,31 @@ def _compiler_params(num_warps: int, num_stages: int):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def _segment_specs(segments, block_q: int, block_k: int, by_kv: bool):
+  """BlockSpecs and arrays of the segment ids and block ranges of one kernel.
+
+  by_kv: the grid's first axis walks key blocks (dK/dV) instead of query
+  blocks (forward, dQ).
+  """
+  q_segments, kv_segments = segments
+  q_pad, kv_pad = q_segments.shape[1], kv_segments.shape[1]
+  kv_range, q_range = segment_block_ranges(q_segments, kv_segments,
+                                           block_q, block_k)
+  if by_kv:
+    specs = [
+        pl.BlockSpec((None, q_pad), lambda j, b, g: (b, 0)),
+        pl.BlockSpec((None, block_k), lambda j, b, g: (b, j)),
+        pl.BlockSpec((None, None, 2), lambda j, b, g: (b, j, 0)),
+    ]
+    return specs, [q_segments, kv_segments, q_range]
+  specs = [
+      pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+      pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
+      pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0)),
+  ]
+  return specs, [q_segments, kv_segments, kv_range]
+
+
 def _forward(q, k, v, segments, st: _Static):
   """Pallas forward on padded inputs: (out [b, q_pad, h, d], lse [b, h, q_pad])."""
   b, q_pad, h, d = q.shape
@@ -353,11 +492,9 @@ def _forward(q, k, v, segments, st: _Static):
   ]
   args = [q, k, v]
   if st.has_segments:
-    in_specs += [
-        pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
-        pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
-    ]
-    args += list(segments)
+    specs, arrays = _segment_specs(segments, block_q, block_k, by_kv=False)
+    in_specs += specs
+    args += arrays
   return pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, block_q=block_q, block_k=block_k),
       grid=(q_pad // block_q, b, h),
@@ -386,7 +523,6 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
   # D = rowsum(dO * O), FlashAttention-2 Algorithm 2 line 4: O(N d), no kernel needed.
   delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32),
                      out.astype(jnp.float32))
-  params = _compiler_params(st.blocks.num_warps_bwd, st.blocks.num_stages_bwd)
 
   block_q = _clamp(st.blocks.block_q_dkv, st.q_len)
   block_k = _clamp(st.blocks.block_k_dkv, st.kv_len)
@@ -396,11 +532,9 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
   in_specs = [q_group, kv_block, kv_block, q_group, row_group, row_group]
   args = [q, k, v, do, lse, delta]
   if st.has_segments:
-    in_specs += [
-        pl.BlockSpec((None, q_pad), lambda j, b, g: (b, 0)),
-        pl.BlockSpec((None, block_k), lambda j, b, g: (b, j)),
-    ]
-    args += list(segments)
+    specs, arrays = _segment_specs(segments, block_q, block_k, by_kv=True)
+    in_specs += specs
+    args += arrays
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, block_q=block_q, block_k=block_k),
       grid=(kv_pad // block_k, b, hkv),
@@ -408,7 +542,8 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+      compiler_params=_compiler_params(st.blocks.num_warps_bwd,
+                                       st.blocks.num_stages_bwd),
       cost_estimate=_cost(q, k, st, 2.0),
       interpret=st.interpret,
       name="fusedlm_flash_bwd_dkv",
@@ -423,18 +558,18 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
   in_specs = [q_block, kv_full, kv_full, q_block, row_block, row_block]
   args = [q, k, v, do, lse, delta]
   if st.has_segments:
-    in_specs += [
-        pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
-        pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
-    ]
-    args += list(segments)
+    specs, arrays = _segment_specs(segments, block_q, block_k, by_kv=False)
+    in_specs += specs
+    args += arrays
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, block_q=block_q, block_k=block_k),
       grid=(q_pad // block_q, b, h),
       in_specs=in_specs,
       out_specs=q_block,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
+      compiler_params=_compiler_params(
+          st.blocks.num_warps_dq or st.blocks.num_warps_bwd,
+          st.blocks.num_stages_dq or st.blocks.num_stages_bwd),
       cost_estimate=_cost(q, k, st, 1.5),
       interpret=st.interpret,
       name="fusedlm_flash_bwd_dq",
@@ -472,7 +607,8 @@ def _check_fits(blocks: BlockSizes, head_dim: int, itemsize: int):
           + blocks.num_stages_bwd * 2 * blocks.block_q_dkv * row,
       "dQ (block_q_dq, block_k_dq)":
           2 * blocks.block_q_dq * row
-          + blocks.num_stages_bwd * 2 * blocks.block_k_dq * row,
+          + (blocks.num_stages_dq or blocks.num_stages_bwd)
+          * 2 * blocks.block_k_dq * row,
   }
   for kernel, nbytes in needs.items():
     if nbytes > _SMEM_BYTES:
@@ -515,18 +651,36 @@ def flash_attention(
   kernels in Pallas' interpreter (any backend, e.g. CPU); otherwise they are
   compiled through Triton, which needs an NVIDIA GPU.
   """
-  shape = masking.check_qkv(q, k, v)
-  segments = masking.segments_from_masks(
-      shape, key_padding_mask, segment_ids, kv_segment_ids
-  )
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError(
         "the Pallas kernel compiles only for NVIDIA GPUs (through Triton); on"
         f" the {jax.default_backend()!r} backend pass interpret=True or use"
         " implementation='xla'."
     )
+  if not interpret:
+    _notice_triton_deprecation()
+  return attention_any_backend(
+      q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+      block_sizes=block_sizes, interpret=interpret,
+  )
+
+
+def attention_any_backend(q, k, v, *, causal=False, scale=None,
+                          key_padding_mask=None, segment_ids=None,
+                          kv_segment_ids=None, block_sizes=None,
+                          interpret=False):
+  """`flash_attention` without its backend check, unjitted.
+
+  For lowering the Triton kernels for a GPU on a machine without one
+  (`kernels.inspect`); callers should use `flash_attention`.
+  """
+  shape = masking.check_qkv(q, k, v)
+  segments = masking.segments_from_masks(
+      shape, key_padding_mask, segment_ids, kv_segment_ids
+  )
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(shape.head_dim)
+    block_sizes = BlockSizes.get_default(shape.head_dim, q.dtype)
   elif not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}.")
   head_pad = _padded_head_dim(shape.head_dim)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import BlockSizes, flash_attention, reference_attention
+from kernels import BlockSizes, flash_attention, masking, reference_attention
+from kernels.pallas_attention import segment_block_ranges
 from tests.kernels.attention_cases import (
     TOLERANCE, Case, assert_close, make_inputs, output_and_grads,
     reference_output_and_grads,
@@ -169,3 +170,30 @@ def test_blocks_of_other_segments_are_skipped(interpret):
   assert np.all(np.isfinite(dq[:, :32]))
   _, (_, dk, dv) = run(_nan_in_rows(q, 0, 32), k, v, cotangent)
   assert np.all(np.isfinite(dk[:, 32:])) and np.all(np.isfinite(dv[:, 32:]))
+
+
+def test_segment_block_ranges_cover_every_block_that_shares_an_id():
+  # The kernels visit only blocks inside these ranges, so a block pair that
+  # shares an id must lie inside; for sorted ids (packed documents, padding
+  # at the end) every block inside must share one, or work is wasted.
+  rng = np.random.default_rng(0)
+  pad = masking.PAD_SEGMENT
+  unsorted_q = rng.integers(0, 5, (2, 64))
+  unsorted_kv = np.where(rng.random((2, 96)) < 0.2, pad, rng.integers(0, 5, (2, 96)))
+  sorted_q = np.sort(rng.integers(0, 6, (2, 64)))
+  sorted_kv = np.concatenate([np.sort(rng.integers(0, 6, (2, 80))),
+                              np.full((2, 16), pad)], axis=1)
+  for q_ids, kv_ids, exact in ((unsorted_q, unsorted_kv, False),
+                               (sorted_q, sorted_kv, True)):
+    kv_range, q_range = map(np.asarray, segment_block_ranges(
+        jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32), 16, 8))
+    for b in range(2):
+      for i in range(64 // 16):
+        for j in range(96 // 8):
+          meet = np.isin(q_ids[b, 16 * i:16 * i + 16], kv_ids[b, 8 * j:8 * j + 8]).any()
+          in_kv_range = kv_range[b, i, 0] <= j < kv_range[b, i, 1]
+          in_q_range = q_range[b, j, 0] <= i < q_range[b, j, 1]
+          if meet:
+            assert in_kv_range and in_q_range, (b, i, j, kv_range[b, i], q_range[b, j])
+          elif exact:
+            assert not in_kv_range and not in_q_range, (b, i, j)

@@ -40,7 +40,7 @@ def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
       "segment_ids": jax.ShapeDtypeStruct((batch, q_len), jnp.int32),
       "kv_segment_ids": jax.ShapeDtypeStruct((batch, kv_len), jnp.int32),
   }
-  blocks = BlockSizes.get_default(head_dim)
+  blocks = BlockSizes.get_default(head_dim, dtype)
   lowered = lower_forward_and_backward_for_cuda(
       q, k, causal, {m: shapes[m] for m in masks}, blocks)
   text = lowered.as_text()
