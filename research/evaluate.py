@@ -6,7 +6,7 @@ or a fine-tuned classifier's accuracy and macro-F1.
   python -m research.evaluate --workdir runs/topics --data reviews_test.csv
 
 The model, tokenizer and data settings come from the workdir (see
-research.saved_run); only the parameters are restored, on as many devices as
+research.checkpoint); only the parameters are restored, on as many devices as
 this machine has (or --num_devices), whatever the run trained on. The metrics
 are printed and written as JSON to --output, by default
 DIR/eval/step_<N>[-<data>].json.
@@ -18,22 +18,24 @@ DIR/eval/step_<N>[-<data>].json.
                   evaluations agree exactly); nsp_loss and nsp_accuracy with NSP
   classification  loss, accuracy, macro_f1 and the confusion matrix
                   ([true][predicted], in label_names order)
+
+`evaluate_batches` is the evaluation pass training uses too: batches from a
+batch maker's `eval_batches()` hold every example once, the last one padded
+with rows of weight 0, so the sums (and the summary) do not depend on how many
+devices share the work.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import jax
+import numpy as np
 
-from research import models, run_data, saved_run
-from research import train_state as ts
-from research.evaluation import evaluate_batches
-from research.parallel import replicate
+from research import checkpoint, command_line, models, objectives, steps
+from research.parallel import replicate, shard, unreplicate
 
 EVAL_DIR = "eval"
 
@@ -45,7 +47,7 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
 
   Args:
     data: None for the run's validation split; otherwise what
-      run_data.evaluation_batches accepts (a corpus name or text path for a
+      the objective's eval_data accepts (a corpus name or text path for a
       language model, a labelled CSV / TSV / JSON Lines file for a classifier).
     num_devices: local devices to spread the batches over (default all).
     batch_size: global evaluation batch (default the run's train.batch_size);
@@ -60,7 +62,7 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
     FileNotFoundError / ValueError: a missing run, step or data file, a
       checkpoint that does not fit the run's model, or a bad batch size.
   """
-  run = saved_run.open_run(workdir)
+  run = checkpoint.open_run(workdir)
   step = run.resolve_step(step)
   devices = jax.local_devices()
   if num_devices is not None:
@@ -75,12 +77,12 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
   if max_batches is not None and max_batches < 1:
     raise ValueError(f"max_batches must be >= 1, got {max_batches}.")
   # Data first: a bad --data fails before the checkpoint is read.
-  batches, description = run_data.evaluation_batches(
+  objective = objectives.get(run.objective)
+  batches, description = objective.eval_data(
       run.config, run.tokenizer, batch_size, data, run.label_names)
   _, params = run.restore_params(step)
   model = models.build_model(run.model_cfg)
-  nsp = bool(run.config.get("nsp", False))
-  p_eval = ts.pmapped_eval_step(model, run.objective, nsp, devices)
+  p_eval = steps.pmapped_eval_step(model, objective, devices)
   metrics = evaluate_batches(p_eval, replicate(params, devices),
                              batches.eval_batches(max_batches), len(devices))
   result = {"workdir": str(run.workdir), "step": step, "objective": run.objective,
@@ -91,6 +93,31 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
   return result
 
 
+def evaluate_batches(p_eval, replicated_params, batches: Iterable[dict],
+                     num_devices: int) -> dict:
+  """objectives.summarize of the metric sums over `batches` ([global_batch, ...] each).
+
+  The summary also holds "batches" (how many were evaluated) and, for
+  classification, "confusion" ([true][predicted] counts, as nested lists).
+  """
+  totals: dict = {}
+  count = 0
+  for batch in batches:
+    # psum'd: every device holds the sums; one host copy of them.
+    sums = unreplicate(p_eval(replicated_params, shard(batch, num_devices)))
+    for key, value in sums.items():
+      value = value.astype(np.float64)
+      totals[key] = totals[key] + value if key in totals else value
+    count += 1
+  if not count:
+    raise ValueError("no evaluation batches: the evaluation data is empty.")
+  summary = objectives.summarize(totals)
+  summary["batches"] = count
+  if "confusion" in totals:
+    summary["confusion"] = totals["confusion"].astype(int).tolist()
+  return summary
+
+
 def default_output(workdir, step: int, data: str | None) -> Path:
   """DIR/eval/step_<N>.json, or step_<N>-<data name>.json for other data."""
   suffix = ""
@@ -99,46 +126,31 @@ def default_output(workdir, step: int, data: str | None) -> Path:
   return Path(workdir) / EVAL_DIR / f"step_{step}{suffix}.json"
 
 
-def write_json(result: dict, path: Path) -> None:
-  """Writes atomically: a reader never sees half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text(json.dumps(result, indent=2) + "\n")
-  os.replace(partial, path)
-
-
 def format_metrics(result: dict) -> str:
   m = result["metrics"]
-  lines = [f"{result['workdir']} step {result['step']} ({result['objective']}) on"
+  objective = objectives.get(result["objective"])
+  lines = [f"{result['workdir']} step {result['step']} ({objective.name}) on"
            f" {result['data']}: {m['batches']} batches, {m['tokens']:.0f}"
-           f" {'examples' if result['objective'] == 'classification' else 'tokens'}"]
-  keys = ("loss", "accuracy", "macro_f1") if result["objective"] == "classification" else (
-      "loss", "perplexity", "accuracy", "nsp_loss", "nsp_accuracy")
-  for key in keys:
+           f" {objective.count_unit}"]
+  for key in objective.report_keys:
     if key in m:
       lines.append(f"  {key:<13}{m[key]:.4f}")
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.WARNING)  # app.run logs INFO: JAX's backend probe, Orbax.
+def _main():
+  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   f = flags.FLAGS
-  try:
-    result = evaluate_run(f.workdir, step=f.step, data=f.data, num_devices=f.num_devices,
-                          batch_size=f.batch_size, max_batches=f.max_batches)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result = evaluate_run(f.workdir, step=f.step, data=f.data, num_devices=f.num_devices,
+                        batch_size=f.batch_size, max_batches=f.max_batches)
   output = Path(f.output) if f.output else default_output(f.workdir, result["step"], f.data)
-  write_json(result, output)
+  command_line.write_json(result, output)
   print(format_metrics(result))
   print(f"written to {output}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("workdir", None, "the run folder (config.json, tokenizer/, checkpoints/)")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
   flags.DEFINE_string("data", None, "other evaluation data (default: the run's validation split)")
@@ -147,4 +159,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("max_batches", None, "evaluate only this many batches")
   flags.DEFINE_string("output", None, "JSON file (default: DIR/eval/step_<N>.json)")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  command_line.run(_main, "research.evaluate")

@@ -6,7 +6,7 @@
 
 From Python:
 
-  run = saved_run.open_run("/tmp/tiny_bert")
+  run = checkpoint.open_run("/tmp/tiny_bert")
   _, params = run.restore_params()
   for per_mask in fill_mask(run, params, ["The [MASK] sat."])[0]:
     print([(p.token, round(p.probability, 3)) for p in per_mask])
@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import models, saved_run
-from research.model_config import ModelConfig
+from research import checkpoint, command_line, models
+from research.models.config import ModelConfig
 
 # Padded lengths are rounded up to a power of two (capped at max_len), and the
 # batch to one too, so a session of differently sized calls compiles a handful
@@ -66,12 +63,12 @@ class Prediction:
     return dataclasses.asdict(self)
 
 
-def fill_mask(run: saved_run.SavedRun, params, texts: Sequence[str], top_k: int = 5,
+def fill_mask(run: checkpoint.SavedRun, params, texts: Sequence[str], top_k: int = 5,
               ) -> list[list[list[Prediction]]]:
   """The top_k predictions for every mask of every text.
 
   Args:
-    run: a `research.saved_run.SavedRun` of a masked-LM encoder.
+    run: a `research.checkpoint.SavedRun` of a masked-LM encoder.
     params: its parameter tree (`run.restore_params(step)[1]`).
     texts: texts holding the tokenizer's mask token at least once each.
     top_k: candidates per mask, 1 to the vocabulary size.
@@ -254,34 +251,25 @@ def to_json(workdir, step: int, top_k: int, texts: Sequence[str],
   }
 
 
-def main(argv):
-  del argv
-  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.WARNING)  # app.run logs INFO: JAX's backend probe, Orbax.
+def _main():
+  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   FLAGS = flags.FLAGS
-  try:
-    run = saved_run.open_run(FLAGS.workdir)
-    step, params = run.restore_params(FLAGS.step)
-    results = fill_mask(run, params, FLAGS.text, FLAGS.top_k)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run = checkpoint.open_run(FLAGS.workdir)
+  step, params = run.restore_params(FLAGS.step)
+  results = fill_mask(run, params, FLAGS.text, FLAGS.top_k)
   print(f"{run.workdir} at step {step}\n")
   print(format_table(FLAGS.text, results))
   if FLAGS.output:
-    output = Path(FLAGS.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     record = to_json(run.workdir, step, FLAGS.top_k, FLAGS.text, results)
-    output.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {output}")
+    print(f"wrote {command_line.write_json(record, FLAGS.output)}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("workdir", None, "run folder written by research.train")
   flags.DEFINE_multi_string("text", None, "text with one or more [MASK] (repeatable)")
   flags.DEFINE_integer("top_k", 5, "predictions per mask")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
   flags.DEFINE_string("output", None, "also write the predictions to this JSON file")
   flags.mark_flags_as_required(["workdir", "text"])
-  app.run(main)
+  command_line.run(_main, "research.fill_mask")

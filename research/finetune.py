@@ -1,9 +1,9 @@
 """Fine-tunes a pretrained encoder or decoder as a sequence classifier.
 
   python -m research.finetune --config experiments/finetune_topics.py \\
-      --init-from runs/tiny_bert --workdir runs/topics
+      --init_from runs/tiny_bert --workdir runs/topics
   python -m research.finetune --config experiments/finetune_sentiment_csv.py \\
-      --init-from runs/tiny_bert --workdir runs/sentiment \\
+      --init_from runs/tiny_bert --workdir runs/sentiment \\
       --config.data.task=reviews.csv --config.data.validation=reviews_test.csv
 
 The new model is the pretrained one (its tokenizer, architecture and weights,
@@ -18,10 +18,9 @@ repeats from the checkpoint. Rerunning the same command resumes.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from research import train
+from research import command_line, train
 from research.warm_start import load_warm_start
 
 
@@ -36,7 +35,7 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
   """
   source = init_from or config.get("init_from")
   if not source:
-    raise ValueError("no pretrained run to fine-tune: pass --init-from DIR (a workdir"
+    raise ValueError("no pretrained run to fine-tune: pass --init_from DIR (a workdir"
                      " written by research.train) or set config.init_from.")
   with config.unlocked():
     config.init_from = str(Path(source).absolute())
@@ -45,16 +44,10 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
   return train.train(config, workdir, warm_start=start, **train_options)
 
 
-def main(argv):
-  del argv
-  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
+def _main():
+  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   f = flags.FLAGS
-  try:
-    result = finetune(f.config, f.workdir, f["init-from"].value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result = finetune(f.config, f.workdir, f.init_from)
   metrics = result["eval"]
   print(f"held-out accuracy {metrics.get('accuracy', float('nan')):.4f}, macro-F1"
         f" {metrics.get('macro_f1', float('nan')):.4f} over {metrics.get('tokens', 0):.0f}"
@@ -62,11 +55,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "fine-tuning config file",
                                   lock_config=True)
-  flags.DEFINE_string("init-from", None, "the pretrained run's workdir")
+  flags.DEFINE_string("init_from", None, "the pretrained run's workdir (or config.init_from)")
   flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  command_line.run(_main, "research.finetune")

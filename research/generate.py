@@ -18,21 +18,14 @@ A bad workdir, step or setting ends with exit status 2 and one line on stderr
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
-from research import saved_run
-from research.generation import check_request, default_pad_id, encode_prompts, generate
+from research import checkpoint, command_line
+from research.decoding import check_request, default_pad_id, encode_prompts, generate
 from research.sampling import Sampling
-
-USAGE_ERROR = 2  # exit status of a bad flag value, workdir or checkpoint step
-
 
 def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
                    sampling: Sampling, seed: int, step: int | None = None) -> dict:
   """The JSON record the CLI writes: settings plus one entry per prompt."""
-  run = saved_run.open_run(workdir)
+  run = checkpoint.open_run(workdir)
   tokenizer = run.tokenizer
   prompt_ids = encode_prompts(tokenizer, prompts)
   request = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
@@ -61,19 +54,13 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
   }
 
 
-def main(argv):
-  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.WARNING)  # app.run logs INFO: JAX's backend probe, Orbax.
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; pass each prompt as --prompt TEXT.")
+def _main():
+  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   FLAGS = flags.FLAGS
-  try:
-    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    record = run_generation(
-        FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-        sampling=sampling, seed=FLAGS.seed, step=FLAGS.step)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
+  sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  record = run_generation(
+      FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+      sampling=sampling, seed=FLAGS.seed, step=FLAGS.step)
   print(f"step {record['step']} of {record['workdir']}, {sampling.describe()},"
         f" seed {record['seed']}")
   for i, sample in enumerate(record["samples"]):
@@ -81,19 +68,11 @@ def main(argv):
     print(f"\n--- prompt {i}: {sample['prompt']!r}{end}")
     print(sample["prompt"] + sample["continuation"])
   if FLAGS.output:
-    path = Path(FLAGS.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nwrote {path}")
-
-
-def _fail(message: str):
-  print(f"research.generate: error: {message}", file=sys.stderr)
-  sys.exit(USAGE_ERROR)
+    print(f"\nwrote {command_line.write_json(record, FLAGS.output)}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("workdir", None, "run folder written by research.train")
   flags.DEFINE_multi_string("prompt", None, "text to continue; repeat for a batch"
                             " (\"\" starts from end-of-text)")
@@ -105,4 +84,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
   flags.DEFINE_string("output", None, "JSON file for the prompts, continuations and ids")
   flags.mark_flags_as_required(["workdir", "prompt"])
-  app.run(main)
+  command_line.run(_main, "research.generate")

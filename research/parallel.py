@@ -47,5 +47,15 @@ def replicate(tree, devices=None):
 
 
 def unreplicate(tree):
-  """The first device's copy of a replicated pytree."""
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
+  """One copy of a replicated pytree ([devices, ...] leaves), as numpy on the host.
+
+  Read from the first shard this process can address (never `x[0]`, which
+  gathers across devices and may touch another process's), and copied, so it
+  survives the next step donating the device buffers. Checkpoints, metrics
+  and evaluation all take their host copy here.
+  """
+  def first(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_shards[0].data)[0]
+    return np.asarray(x)[0]
+  return jax.tree_util.tree_map(first, tree)

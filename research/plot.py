@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from research import run_logging
+from research import command_line, run_logging
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OUT = Path("plots") / "metrics.png"
@@ -128,20 +127,14 @@ def _plot_mfu(ax, train_rows: dict[int, dict]) -> None:
   twin.set_ylabel("MFU (%)", color="tab:green")
 
 
-def main(argv):
-  del argv
+def _main():
   from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  try:
-    path = plot_run(flags.FLAGS.workdir, flags.FLAGS.out)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(path)
+  print(plot_run(flags.FLAGS.workdir, flags.FLAGS.out))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("workdir", None, "run folder holding metrics.jsonl")
   flags.DEFINE_string("out", None, f"PNG to write (default: WORKDIR/{DEFAULT_OUT})")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  command_line.run(_main, "research.plot")

@@ -1,85 +1,221 @@
-"""The run configuration: its schema, validation, and the ModelConfig it names.
+"""The run configuration: every default in one place, validation, the ModelConfig.
 
-An experiment (`experiments/*.py`) is an `ml_collections.ConfigDict` nested by
-concern. `validate(config)` checks its keys against SCHEMA so a typo in a
-config *file* is named (absl's lock_config already names a typo in a
-command-line override, but not one in the file itself).
+An experiment (`experiments/*.py`) starts from `defaults()` (pretraining) or
+`finetune_defaults()` (research.finetune) and states only what differs, then
+hands the result to `finish(config, arg)`, which applies the `runlocal` smoke
+switch when the config file is named as `experiments/X.py:runlocal`:
 
-  config.model       ModelConfig fields, plus `preset` (a name in
-                     model_config.presets; the other fields override it)
-  config.data        corpus, tokenizer, vocab_size, seq_len, mlm options, cache_dir
-  config.objective   "causal" | "mlm";  config.nsp  next-sentence prediction
+  def get_config(arg: str = ""):
+    config = run_config.defaults()
+    config.model.preset = "tiny_gpt"
+    config.train.steps = 300
+    return run_config.finish(config, arg)
+
+The defaults are also the schema: `validate` names every key an experiment
+file added that the defaults do not have (absl's lock_config names a typo in
+a command-line override), every missing key and every bad value. The
+objective-specific checks and the ModelConfig come from the objective's record
+(research.objectives).
+
+  config.model       `preset` (a name in research.models.config.presets) and
+                     every ModelConfig field (but vocab_size, nsp, num_labels,
+                     which the run sets), None = the preset's value
+  config.data        what to read and how to tokenize and batch it
+  config.objective   a name in research.objectives.REGISTRY
+  config.nsp         next-sentence prediction (objective "mlm")
   config.optimizer   research.optimizer's fields
   config.train       steps, batch_size, seed, log_every, eval_every, eval_batches
   config.checkpoint  every, keep, async
-
-A fine-tuning config (`research.finetune`) has objective "classification" and
-its own sections where they differ (CLASSIFICATION_SCHEMA):
-
-  config.init_from   the pretrained workdir (or --init-from); config.init_step
-                     its checkpoint (0 = the newest)
-  config.model       only fields that leave the architecture as pretrained:
-                     dropout, dtype, param_dtype, attention, remat
-  config.data        task ("stdlib_topics" or a CSV / TSV / JSON Lines file),
-                     validation (a file, or "" to hold out validation_fraction
-                     of the task), text_field, text_pair_field, label_field,
-                     seq_len, cache_dir
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 
 import ml_collections
+from ml_collections import config_dict
 
-from research import model_config as model_config_lib
+from research import objectives
+from research.models import config as model_config_lib
 
-_MODEL_KEYS = frozenset(
-    f.name for f in dataclasses.fields(model_config_lib.ModelConfig)) | {"preset"}
+RUNLOCAL = "runlocal"  # experiments/X.py:runlocal -> a smoke-size run on a CPU
+RUNLOCAL_STEPS = 40
 
-# Section -> allowed keys (None = a scalar, no sub-keys). `model` keys are all
-# optional (the preset supplies the rest); in the other sections every key is
-# required, so a config never silently falls back to a default hidden here.
-SCHEMA = {
-    "model": _MODEL_KEYS,
-    "data": frozenset({"corpus", "tokenizer", "vocab_size", "seq_len", "mask_prob",
-                       "whole_word_masking", "cache_dir"}),
-    "objective": None,
-    "nsp": None,
-    "optimizer": frozenset({"learning_rate", "schedule", "warmup_steps", "min_lr_ratio",
-                            "b1", "b2", "eps", "weight_decay", "grad_clip_norm",
-                            "accumulation_steps"}),
-    "train": frozenset({"steps", "batch_size", "seed", "log_every", "eval_every",
-                        "eval_batches"}),
-    "checkpoint": frozenset({"every", "keep", "async"}),
-}
-OPTIONAL = {"model": _MODEL_KEYS, "data": frozenset({"mask_prob", "whole_word_masking",
-                                                     "cache_dir"})}
-PRETRAINING_OBJECTIVES = ("causal", "mlm")
-OBJECTIVES = PRETRAINING_OBJECTIVES + ("classification",)
+
+def _model_section(fields) -> ml_collections.ConfigDict:
+  """ModelConfig fields as typed placeholders (None = the preset's value), so
+  every field can be overridden from the command line."""
+  section = ml_collections.ConfigDict()
+  hints = typing.get_type_hints(model_config_lib.ModelConfig)
+  for field in dataclasses.fields(model_config_lib.ModelConfig):
+    if field.name in fields:
+      kind = hints[field.name]
+      kind = next(a for a in typing.get_args(kind) if a is not type(None)) if (
+          typing.get_origin(kind) is not None) else kind
+      section[field.name] = config_dict.placeholder(kind)
+  return section
+
+
+def _optimizer_section() -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-4  # peak rate, reached after warm-up
+  o.schedule = "cosine"  # decay after warm-up: "cosine" | "linear" | "constant"
+  o.warmup_steps = 100  # linear warm-up (capped at train.steps)
+  o.min_lr_ratio = 0.1  # final rate / peak
+  o.b1 = 0.9  # Adam first moment
+  o.b2 = 0.95  # Adam second moment (GPT-style; BERT uses 0.999)
+  o.eps = 1e-8  # Adam epsilon
+  o.weight_decay = 0.1  # decoupled, weight matrices only
+  o.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+  o.accumulation_steps = 1  # micro-batches per optimizer update
+  return o
+
+
+def _train_section() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.steps = 1000  # optimizer updates (x accumulation_steps micro-batches)
+  t.batch_size = 32  # global batch (rows), split over the devices
+  t.seed = 0  # init, dropout, masking and data order
+  t.log_every = 50  # steps per train log row
+  t.eval_every = 500  # steps between validation passes (and at the end)
+  t.eval_batches = 16  # validation batches per pass (0 = all)
+  return t
+
+
+def _checkpoint_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every = 500  # steps between checkpoints (and one at the end)
+  c.keep = 2  # newest checkpoints kept
+  c["async"] = True  # save in the background
+  return c
+
+
+# ModelConfig fields the run decides, not config.model: the trained tokenizer's
+# size, config.nsp, and the labels of a fine-tuning task.
+SET_BY_THE_RUN = frozenset({"vocab_size", "nsp", "num_labels"})
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field of a pretraining config, with its default."""
+  config = ml_collections.ConfigDict()
+  config.model = _model_section({f.name for f in dataclasses.fields(
+      model_config_lib.ModelConfig)} - SET_BY_THE_RUN)
+  config.model.preset = ""  # research.models.config.presets; "" = ModelConfig's defaults
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = "builtin"  # "builtin" | "synthetic" | a path / glob / .jsonl
+  config.data.tokenizer = "bpe"  # "bpe" | "wordpiece" | "byte"
+  config.data.vocab_size = 8192  # asked size; the model takes the trained size
+  config.data.seq_len = 128  # tokens per training row; <= model max_len
+  config.data.mask_prob = 0.15  # mlm: fraction of tokens selected (80/10/10)
+  config.data.whole_word_masking = False  # mlm: mask whole words, not word pieces
+  config.data.cache_dir = ""  # tokenizer + tokenized-split cache; "" = ~/.cache/fusedlm
+
+  config.objective = "causal"  # research.objectives.REGISTRY: "causal" | "mlm"
+  config.nsp = False  # next-sentence prediction (mlm only)
+
+  config.optimizer = _optimizer_section()
+  config.train = _train_section()
+  config.checkpoint = _checkpoint_section()
+  return config
+
 
 # Fine-tuning may change how the pretrained model runs, never its shape.
 FINETUNE_MODEL_KEYS = frozenset({"dropout", "dtype", "param_dtype", "attention", "remat"})
-CLASSIFICATION_SCHEMA = {
-    "init_from": None,
-    "init_step": None,
-    "model": FINETUNE_MODEL_KEYS,
-    "data": frozenset({"task", "validation", "validation_fraction", "text_field",
-                       "text_pair_field", "label_field", "seq_len", "cache_dir"}),
-    "objective": None,
-    "optimizer": SCHEMA["optimizer"],
-    "train": SCHEMA["train"],
-    "checkpoint": SCHEMA["checkpoint"],
-}
-CLASSIFICATION_OPTIONAL = {"model": FINETUNE_MODEL_KEYS, "data": frozenset({"cache_dir"})}
 
 
-def schema_for(config) -> tuple[dict, dict]:
-  """(sections, optional keys) of the config's objective."""
-  if config.get("objective") == "classification":
-    return CLASSIFICATION_SCHEMA, CLASSIFICATION_OPTIONAL
-  return SCHEMA, OPTIONAL
+def finetune_defaults() -> ml_collections.ConfigDict:
+  """Every field of a fine-tuning (classification) config, with its default."""
+  config = ml_collections.ConfigDict()
+  config.init_from = ""  # the pretrained workdir; research.finetune --init_from sets it
+  config.init_step = 0  # its checkpoint step; 0 = the newest
+
+  config.model = _model_section(FINETUNE_MODEL_KEYS)  # None = as pretrained
+
+  config.data = ml_collections.ConfigDict()
+  config.data.task = ""  # "stdlib_topics" (built in) or a .csv / .tsv / .jsonl file
+  config.data.validation = ""  # held-out file; "" = hold out validation_fraction of the task
+  config.data.validation_fraction = 0.1  # by a hash of each text
+  config.data.text_field = "text"  # column / field names of a file task
+  config.data.text_pair_field = ""  # second text of pair tasks; "" = single texts
+  config.data.label_field = "label"
+  config.data.seq_len = 128  # tokens per example ([CLS] text [SEP]); <= the model's max_len
+  config.data.cache_dir = ""  # unused by classification data (kept for symmetry)
+
+  config.objective = "classification"
+
+  config.optimizer = _optimizer_section()
+  config.optimizer.learning_rate = 1e-3  # peak
+  config.optimizer.schedule = "linear"  # BERT's fine-tuning schedule
+  config.optimizer.warmup_steps = 30  # linear warm-up
+  config.optimizer.min_lr_ratio = 0.0  # decay to zero
+  config.optimizer.b2 = 0.999  # Adam second moment
+  config.optimizer.weight_decay = 0.01  # decoupled, weight matrices only
+  config.train = _train_section()
+  config.train.steps = 300
+  config.train.log_every = 20
+  config.train.eval_every = 100
+  config.train.eval_batches = 0  # the whole held-out split
+  config.checkpoint = _checkpoint_section()
+  config.checkpoint.every = 100
+  config.checkpoint.keep = 1
+  return config
+
+
+def runlocal(config: ml_collections.ConfigDict, steps: int = RUNLOCAL_STEPS):
+  """Shrinks a run to a CPU smoke size: 64-token rows, 16 rows a batch, `steps`
+  updates, two checkpoints, a 4-batch evaluation at the end. A pretraining
+  model shrinks to 2 blocks of width 64 (float32, XLA attention) on the
+  synthetic corpus with the byte tokenizer (nothing to train); a fine-tuned
+  model stays the pretrained one."""
+  if not objectives.get(config.objective).fine_tunes:
+    config.model.update(num_layers=2, hidden_size=64, num_heads=2, mlp_dim=256,
+                        max_len=64, dtype="float32", attention="xla")
+    config.data.update(corpus="synthetic", tokenizer="byte", vocab_size=261)
+  config.data.seq_len = 64
+  config.train.steps = steps
+  config.train.batch_size = 16
+  config.train.log_every = 10
+  config.train.eval_every = steps
+  config.train.eval_batches = 4
+  config.optimizer.warmup_steps = 5
+  config.checkpoint.every = max(1, steps // 2)
+  config.checkpoint.keep = 3
+  return config
+
+
+def is_runlocal(arg: str | None) -> bool:
+  """The config-file argument: "" or "runlocal"; anything else is named."""
+  if arg in (None, ""):
+    return False
+  if arg == RUNLOCAL:
+    return True
+  raise ValueError(f"unknown config argument {arg!r}: the experiments take"
+                   f" '{RUNLOCAL}' (experiments/X.py:{RUNLOCAL}) or nothing.")
+
+
+def finish(config: ml_collections.ConfigDict, arg: str | None = "", *, smoke=None):
+  """An experiment's last step: with arg "runlocal", `smoke(config)` (the
+  experiment's own model/data shrinking, if any) and then `runlocal`."""
+  if is_runlocal(arg):
+    if smoke is not None:
+      smoke(config)
+    runlocal(config)
+  return config
+
+
+def _schema_of(config: ml_collections.ConfigDict) -> dict:
+  """Section -> allowed keys (None = a scalar) of a defaults() tree."""
+  return {name: (frozenset(value.keys()) if isinstance(value, ml_collections.ConfigDict)
+                 else None) for name, value in config.items()}
+
+
+def schema_for(config) -> dict:
+  """The schema of the config's objective (pretraining or fine-tuning)."""
+  objective = objectives.get(config.get("objective"))
+  return _schema_of(finetune_defaults() if objective.fine_tunes else defaults())
 
 
 def _keys(section) -> set[str]:
@@ -88,8 +224,9 @@ def _keys(section) -> set[str]:
 
 def validate(config) -> None:
   """Raises ValueError naming every unknown or missing key and bad values."""
+  objective = objectives.get(config.get("objective"))
+  schema = schema_for(config)
   problems = []
-  schema, optional = schema_for(config)
   unknown_top = sorted(_keys(config) - set(schema))
   if unknown_top:
     problems.append(f"unknown top-level keys {unknown_top}")
@@ -105,19 +242,14 @@ def validate(config) -> None:
       problems.append(f"unknown keys in config.{name}: "
                       + ", ".join(f"config.{name}.{k}" for k in unknown)
                       + f" (known: {sorted(allowed)})")
-    missing = sorted(allowed - keys - optional.get(name, frozenset()))
+    missing = sorted(allowed - keys)
     if missing:
       problems.append(f"missing keys in config.{name}: {missing}")
   if problems:
     raise ValueError("invalid run config: " + "; ".join(problems) + ".")
-  if config.objective not in OBJECTIVES:
-    raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {config.objective!r}.")
-  if config.objective == "classification":
-    _validate_classification(config)
-  elif config.nsp and config.objective != "mlm":
-    raise ValueError("config.nsp=True needs config.objective='mlm'.")
+  objective.validate(config)
   preset = config.model.get("preset")
-  if preset is not None and preset not in model_config_lib.presets:
+  if preset and preset not in model_config_lib.presets:
     raise ValueError(f"unknown config.model.preset {preset!r}; choose one of"
                      f" {sorted(model_config_lib.presets)}.")
   t = config.train
@@ -128,71 +260,16 @@ def validate(config) -> None:
     raise ValueError("config.checkpoint.every and .keep must be >= 1.")
 
 
-def _validate_classification(config) -> None:
-  d = config.data
-  if not d.task:
-    raise ValueError("config.data.task is empty: name the labelled training file"
-                     " (--config.data.task=train.csv) or the built-in task"
-                     " 'stdlib_topics'.")
-  if not 0.0 < d.validation_fraction < 1.0:
-    raise ValueError("config.data.validation_fraction must be in (0, 1), got"
-                     f" {d.validation_fraction}.")
-  if d.seq_len < 4:
-    raise ValueError(f"config.data.seq_len must be >= 4, got {d.seq_len}.")
-  if not isinstance(config.init_step, int) or config.init_step < 0:
-    raise ValueError(f"config.init_step must be an int >= 0 (0 = the newest"
-                     f" checkpoint), got {config.init_step!r}.")
-
-
 def build_model_config(config, vocab_size: int,
                        pretrained: model_config_lib.ModelConfig | None = None,
                        num_labels: int = 0) -> model_config_lib.ModelConfig:
-  """The ModelConfig: the preset (if any), overridden by the other model fields.
+  """The ModelConfig the objective builds from config.model (see research.objectives).
 
   vocab_size comes from the trained tokenizer (which may be smaller than asked);
-  the encoder's nsp head follows config.nsp. A classification config instead
-  starts from the `pretrained` model, sets num_labels and drops the
-  pretraining heads (MLM, NSP), as Hugging Face's *ForSequenceClassification
-  models do.
+  a fine-tuning objective starts from the `pretrained` model instead.
   """
-  if config.objective == "classification":
-    return _classifier_config(config, vocab_size, pretrained, num_labels)
-  fields = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
-  preset = fields.pop("preset", None)
-  fields["vocab_size"] = vocab_size
-  if config.objective == "mlm":
-    fields.setdefault("kind", "encoder")
-    fields["nsp"] = bool(config.nsp)
-  base = model_config_lib.presets[preset]() if preset else model_config_lib.ModelConfig()
-  merged = {**base.to_dict(), **fields}
-  cfg = model_config_lib.ModelConfig.from_dict(merged)
-  if (cfg.kind == "decoder") != (config.objective == "causal"):
-    raise ValueError(f"config.objective={config.objective!r} does not fit a model of"
-                     f" kind {cfg.kind!r} (causal needs a decoder, mlm an encoder).")
-  if config.data.seq_len > cfg.max_len:
-    raise ValueError(f"config.data.seq_len ({config.data.seq_len}) exceeds the"
-                     f" model's max_len ({cfg.max_len}).")
-  return cfg
-
-
-def _classifier_config(config, vocab_size, pretrained, num_labels):
-  if pretrained is None:
-    raise ValueError("a classification config fine-tunes a pretrained model; none given"
-                     " (research.finetune --init-from DIR).")
-  if pretrained.vocab_size != vocab_size:
-    raise ValueError(f"the tokenizer has {vocab_size} tokens but the pretrained model"
-                     f" {pretrained.vocab_size}: the tokenizer is not the pretrained run's.")
-  if num_labels < 2:
-    raise ValueError(f"classification needs at least 2 labels, the data has {num_labels}.")
-  overrides = dict(config.model.to_dict() if hasattr(config.model, "to_dict")
-                   else config.model)
-  cfg = pretrained.replace(num_labels=num_labels, nsp=False, **overrides)
-  if cfg.kind == "encoder":
-    cfg = cfg.replace(mlm=False)
-  if config.data.seq_len > cfg.max_len:
-    raise ValueError(f"config.data.seq_len ({config.data.seq_len}) exceeds the"
-                     f" pretrained model's max_len ({cfg.max_len}).")
-  return cfg
+  return objectives.get(config.objective).model_config(
+      config, vocab_size, pretrained, num_labels)
 
 
 def to_json(config) -> str:

@@ -1,8 +1,15 @@
-"""From config.data / config.objective to a tokenizer and train/eval batch makers.
+"""From config.data to a tokenizer and train/eval batch makers.
 
-  data = build(config)                       # pretraining: corpus, tokenizer, batches
-  data = build(finetune_config, tokenizer)   # classification: the labelled task
-  batches, name = evaluation_batches(saved_config, tokenizer, data="other.txt")
+The objective records (research.objectives) build their data here, each with
+its own batch maker; callers go through the record:
+
+  data = objectives.get(config.objective).train_data(config, tokenizer)
+  batches, name = objective.eval_data(saved_config, tokenizer, 16, "other.txt", None)
+
+  build_lm / lm_evaluation_batches       a corpus (config.data.corpus), tokenized;
+                                         pretraining objectives
+  build_classification /
+  classification_evaluation_batches      a labelled task (config.data.task)
 """
 
 from __future__ import annotations
@@ -34,38 +41,32 @@ def cache_dir(config) -> Path:
   return Path(os.path.expanduser(value)) if value else DEFAULT_CACHE_DIR
 
 
-def build(config, tokenizer: data_lib.Tokenizer | None = None) -> RunData:
+def build_lm(config, tokenizer: data_lib.Tokenizer | None, *, make_batches) -> RunData:
   """Loads the corpus, tokenizer (trained once, cached) and the batch makers.
 
-  `tokenizer` (the one saved in a workdir) is used as is when given, so a
-  resumed run tokenizes exactly as the run that wrote the checkpoint. A
-  classification config needs it: fine-tuning keeps the pretrained tokenizer.
+  make_batches(config, tokens, **common) is the objective's batch maker over
+  one tokenized split. `tokenizer` (the one saved in a workdir) is used as is
+  when given, so a resumed run tokenizes exactly as the run that wrote the
+  checkpoint.
   """
-  if config.objective == "classification":
-    return _build_classification(config, tokenizer)
   d, cache = config.data, cache_dir(config)
   corpus = data_lib.load_corpus(d.corpus, cache_dir=cache)
   if tokenizer is None:
     vocab = None if d.tokenizer == "byte" else d.vocab_size
     tokenizer = data_lib.get_or_train_tokenizer(d.tokenizer, corpus, vocab, cache)
-  make = _lm_batch_maker(config, tokenizer, config.train.batch_size)
+  make = _lm_split_batches(config, tokenizer, config.train.batch_size, make_batches)
   return RunData(tokenizer, make(corpus, "train"), make(corpus, "validation"), corpus.name)
 
 
-def _lm_batch_maker(config, tokenizer, batch_size: int):
+def _lm_split_batches(config, tokenizer, batch_size: int, make_batches):
   """(corpus, split) -> the objective's batch maker over that split."""
-  d, cache = config.data, cache_dir(config)
-  common = dict(tokenizer=tokenizer, seq_len=d.seq_len, batch_size=batch_size,
+  common = dict(tokenizer=tokenizer, seq_len=config.data.seq_len, batch_size=batch_size,
                 seed=config.train.seed, process_index=jax.process_index(),
                 process_count=jax.process_count())
 
   def make(corpus, split):
-    tokens = data_lib.tokenize_split(corpus, split, tokenizer, cache)
-    if config.objective == "causal":
-      return data_lib.CausalLMBatches(tokens, **common)
-    return data_lib.MLMBatches(
-        tokens, **common, nsp=bool(config.nsp), mask_prob=d.get("mask_prob", 0.15),
-        whole_word_masking=d.get("whole_word_masking", False))
+    tokens = data_lib.tokenize_split(corpus, split, tokenizer, cache_dir(config))
+    return make_batches(config, tokens, **common)
   return make
 
 
@@ -100,10 +101,11 @@ def _classification_batches(config, examples, tokenizer, batch_size: int):
       jax.process_index(), jax.process_count())
 
 
-def _build_classification(config, tokenizer) -> RunData:
+def build_classification(config, tokenizer) -> RunData:
+  """The labelled task's train and validation batches, in the pretrained tokenizer."""
   if tokenizer is None:
     raise ValueError("a classification run keeps its pretrained model's tokenizer;"
-                     " none was given (research.finetune --init-from DIR).")
+                     " none was given (research.finetune --init_from DIR).")
   train, validation, name = labelled_task(config.data)
   size = config.train.batch_size
   return RunData(tokenizer, _classification_batches(config, train, tokenizer, size),
@@ -111,24 +113,29 @@ def _build_classification(config, tokenizer) -> RunData:
                  train.label_names)
 
 
-def evaluation_batches(config, tokenizer, batch_size: int, data: str | None = None,
-                       label_names=None):
-  """(batch maker with eval_batches(), description) for evaluating a saved run.
+def classification_evaluation_batches(config, tokenizer, batch_size: int,
+                                      data: str | None = None, label_names=None):
+  """(batch maker, description): the task's validation split, or a labelled file
+  `data` read with the run's field names and label_names."""
+  if data is None:
+    _, examples, name = labelled_task(config.data, label_names)
+    description = f"{name} validation split"
+  else:
+    examples = data_lib.load_labeled_examples(data, **_label_fields(config.data),
+                                              label_names=label_names)
+    description = str(data)
+  return _classification_batches(config, examples, tokenizer, batch_size), description
 
-  Without `data`: the run's own validation split. With it: for a language
-  model "builtin" or "synthetic" (their validation split) or a path, folder,
-  glob or .jsonl of text, all of whose documents are evaluated; for a
-  classifier a labelled file read with the run's field names and label_names.
+
+def lm_evaluation_batches(config, tokenizer, batch_size: int, data: str | None = None,
+                          label_names=None, *, make_batches):
+  """(batch maker with eval_batches(), description) for evaluating a language model.
+
+  Without `data`: the run's own validation split. With it: "builtin" or
+  "synthetic" (their validation split) or a path, folder, glob or .jsonl of
+  text, all of whose documents are evaluated. label_names is unused.
   """
-  if config.objective == "classification":
-    if data is None:
-      _, examples, name = labelled_task(config.data, label_names)
-      description = f"{name} validation split"
-    else:
-      examples = data_lib.load_labeled_examples(data, **_label_fields(config.data),
-                                                label_names=label_names)
-      description = str(data)
-    return _classification_batches(config, examples, tokenizer, batch_size), description
+  del label_names
   if data is None or data in ("builtin", "synthetic"):
     corpus = data_lib.load_corpus(config.data.corpus if data is None else data,
                                   cache_dir=cache_dir(config))
@@ -139,5 +146,5 @@ def evaluation_batches(config, tokenizer, batch_size: int, data: str | None = No
     corpus = data_lib.load_corpus(data, cache_dir=cache_dir(config),
                                   validation_patterns=data)
     description = f"{data} (all {len(corpus.validation)} documents)"
-  make = _lm_batch_maker(config, tokenizer, batch_size)
+  make = _lm_split_batches(config, tokenizer, batch_size, make_batches)
   return make(corpus, "validation"), description

@@ -21,13 +21,13 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from research import checkpoint as ckpt_lib
-from research import evaluation, models, objectives, optimizer, run_config, run_data, run_logging
-from research import train_state as ts
+from research import command_line, models, objectives, optimizer, run_config, run_logging
+from research import steps as steps_lib
+from research.evaluate import evaluate_batches
 from research.data import load_tokenizer
-from research.parallel import replicate, shard
+from research.parallel import replicate, shard, unreplicate
 from research.warm_start import WarmStart, transfer_params
 
 
@@ -54,9 +54,10 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   parameters a classification config starts from; a resume reads its own.
   """
   run_config.validate(config)
-  if config.objective == "classification" and warm_start is None:
-    raise ValueError("a classification config fine-tunes a pretrained run: launch it"
-                     " with research.finetune --init-from DIR.")
+  objective = objectives.get(config.objective)
+  if objective.fine_tunes and warm_start is None:
+    raise ValueError(f"a {objective.name} config fine-tunes a pretrained run: launch it"
+                     " with research.finetune --init_from DIR.")
   devices = _devices(devices, num_devices)
   n_dev = len(devices)
   if config.train.batch_size % n_dev:
@@ -71,7 +72,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
     tokenizer = load_tokenizer(saved_tok)
   else:
     tokenizer = warm_start.tokenizer if warm_start is not None else None
-  data = run_data.build(config, tokenizer)
+  data = objective.train_data(config, tokenizer)
   model_cfg = run_config.build_model_config(
       config, data.tokenizer.vocab_size,
       warm_start.model_cfg if warm_start is not None else None,
@@ -93,9 +94,9 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   model = models.build_model(model_cfg)
   transfer = None
   if latest is not None:
-    host_state = ckpt.restore(latest, ts.abstract(model_cfg, tx, config.train.seed))
+    host_state = ckpt.restore(latest, steps_lib.abstract(model_cfg, tx, config.train.seed))
   else:
-    host_state = ts.create(model_cfg, tx, config.train.seed)
+    host_state = steps_lib.create(model_cfg, tx, config.train.seed)
     if warm_start is not None:
       params, transfer = transfer_params(warm_start.params, host_state.params)
       host_state = host_state.replace(params=params, opt_state=tx.init(params))
@@ -104,18 +105,16 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   start = int(host_state.step)
   state = replicate(host_state, devices)
   del host_state
-  nsp = bool(config.get("nsp", False))
-  p_train, p_eval = ts.pmapped_steps(model, tx, config.objective, nsp, devices)
+  p_train, p_eval = steps_lib.pmapped_steps(model, tx, objective, devices)
 
   seq_len = config.data.seq_len
   logger = run_logging.RunLogger(
       workdir, total, start, config.train.batch_size * seq_len,
-      run_logging.flops_per_token(model_cfg, jax.tree_util.tree_map(
-          lambda x: x[0], state.params), seq_len),
+      run_logging.flops_per_token(model_cfg, models.abstract_params(model_cfg), seq_len),
       run_logging.peak_flops(devices[0]), n_dev, progress)
 
   def evaluate(step):
-    summary = evaluation.evaluate_batches(
+    summary = evaluate_batches(
         p_eval, state.params, data.eval.eval_batches(config.train.eval_batches or None),
         n_dev)
     logger.eval(step, summary)
@@ -127,7 +126,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   def fetch(item):
     """Host side of a step: NaN check, window sums, the log line when due."""
     step, sums = item
-    sums = {k: float(np.asarray(v)[0]) for k, v in jax.device_get(sums).items()}
+    sums = {k: float(v) for k, v in unreplicate(sums).items()}
     if not all(math.isfinite(v) for v in sums.values()):
       raise NonFiniteLossError(
           f"non-finite training loss at step {step} (loss_sum={sums['loss_sum']});"
@@ -153,7 +152,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
       if done % config.checkpoint.every == 0 or done == end:
         fetch(pending)  # never checkpoint a state whose loss is not finite
         pending = None
-        ckpt.save(done, ts.to_host(state), force=done == end)
+        ckpt.save(done, unreplicate(state), force=done == end)
       if done % config.train.eval_every == 0 or done == total:
         summary = evaluate(done)
     if pending is not None:
@@ -167,19 +166,17 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
           "model": model_cfg, "transfer": transfer}
 
 
-def main(argv):
-  del argv
-  from absl import flags, logging  # Parsed in __main__ only: importing stays flag-free.
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
+def _main():
+  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
   print(f"final eval: {summary['eval']}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "experiment config file",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  command_line.run(_main, "research.train")

@@ -20,9 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from research import saved_run
+from research import checkpoint
 from research.data import Tokenizer
-from research.model_config import ModelConfig
+from research.models.config import ModelConfig
 
 # Task heads are always trained afresh, even when the pretrained run had one
 # (a classifier fine-tuned again on other labels).
@@ -45,8 +45,8 @@ class WarmStart:
 
 
 def load_warm_start(workdir: str | os.PathLike, step: int | None = None) -> WarmStart:
-  """The pretrained run at `step` (None: newest); errors as saved_run's."""
-  run = saved_run.open_run(workdir)
+  """The pretrained run at `step` (None: newest); errors as checkpoint.open_run's."""
+  run = checkpoint.open_run(workdir)
   step, params = run.restore_params(step)
   return WarmStart(run.workdir, step, run.tokenizer, run.model_cfg, params)
 

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from research import train
+from research import run_config, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_STEPS = 40
 
 
-def load_experiment(name: str):
-  """experiments/<name>.py's get_config()."""
+def load_experiment(name: str, arg: str = ""):
+  """experiments/<name>.py's get_config(arg), as `--config=experiments/<name>.py:arg` loads it."""
   spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg)
 
 
 @pytest.fixture(scope="session")
@@ -30,33 +30,21 @@ def shared_cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("fusedlm_shared_cache"))
 
 
-def _small(config, cache_dir: str, steps: int):
+def _runlocal(name: str, cache_dir: str, steps: int):
+  """The experiment's runlocal smoke config, run for `steps` steps."""
+  config = run_config.runlocal(load_experiment(name, run_config.RUNLOCAL), steps)
   config.data.cache_dir = cache_dir
-  config.data.seq_len = 64
-  config.train.steps = steps
-  config.train.batch_size = 16
-  config.train.log_every = 10
-  config.train.eval_every = steps
-  config.train.eval_batches = 4
-  config.optimizer.warmup_steps = 5
-  config.checkpoint.every = steps // 2
-  config.checkpoint.keep = 3
   return config
 
 
 def tiny_gpt_config(cache_dir: str, steps: int = TRAIN_STEPS):
   """The synthetic tiny GPT (2 layers, width 64, seq 64), batch 16."""
-  return _small(load_experiment("tiny_gpt_synthetic"), cache_dir, steps)
+  return _runlocal("tiny_gpt_synthetic", cache_dir, steps)
 
 
 def tiny_bert_config(cache_dir: str, steps: int = TRAIN_STEPS):
-  """tiny_bert shrunk like tiny_gpt_synthetic, on the same corpus and tokenizer."""
-  config = load_experiment("tiny_bert")
-  config.model.update(num_layers=2, hidden_size=64, num_heads=2, mlp_dim=256,
-                      max_len=64, attention="xla")
-  config.data.update(corpus="synthetic", tokenizer="byte", vocab_size=261)
-  config.optimizer.learning_rate = 5e-3
-  return _small(config, cache_dir, steps)
+  """tiny_bert's smoke size, on the same corpus and tokenizer as tiny_gpt_config."""
+  return _runlocal("tiny_bert", cache_dir, steps)
 
 
 @pytest.fixture(scope="session")

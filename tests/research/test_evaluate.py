@@ -9,9 +9,8 @@ import sys
 import jax
 import pytest
 
-from research import evaluate, models, run_data, saved_run
-from research import train_state as ts
-from research.evaluation import evaluate_batches
+from research import checkpoint, evaluate, models, objectives, steps
+from research.evaluate import evaluate_batches
 from research.parallel import replicate
 from tests.research.conftest import ROOT
 
@@ -25,10 +24,11 @@ def test_evaluating_twice_gives_identical_numbers(trained_gpt, trained_bert):
 
 def test_trained_beats_untrained_by_a_clear_margin(trained_gpt):
   trained = evaluate.evaluate_run(trained_gpt, max_batches=8)["metrics"]
-  run = saved_run.open_run(trained_gpt)
+  run = checkpoint.open_run(trained_gpt)
   devices = jax.local_devices()[:1]
-  batches, _ = run_data.evaluation_batches(run.config, run.tokenizer, 16)
-  p_eval = ts.pmapped_eval_step(models.build_model(run.model_cfg), "causal", False, devices)
+  causal = objectives.get("causal")
+  batches, _ = causal.eval_data(run.config, run.tokenizer, 16)
+  p_eval = steps.pmapped_eval_step(models.build_model(run.model_cfg), causal, devices)
   fresh = models.init_params(run.model_cfg, jax.random.PRNGKey(0))
   untrained = evaluate_batches(p_eval, replicate(fresh, devices),
                                batches.eval_batches(8), 1)

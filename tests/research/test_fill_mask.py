@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import models, saved_run
+from research import checkpoint, models
 from research.data import train_tokenizer
 from research.fill_mask import Prediction, fill_mask, frame_texts
 
@@ -22,7 +22,7 @@ TEXT = "bigbbbcknckffmfg[MASK]fcohmljahfmigbhpkalgpheocflppjl"
 
 @pytest.fixture(scope="module")
 def bert(trained_bert):
-  run = saved_run.open_run(trained_bert)
+  run = checkpoint.open_run(trained_bert)
   _, params = run.restore_params()
   return run, params
 
@@ -97,7 +97,7 @@ def test_wordpiece_keeps_the_mask_token_whole():
 
 
 def test_decoder_run_is_refused(trained_gpt):
-  run = saved_run.open_run(trained_gpt)
+  run = checkpoint.open_run(trained_gpt)
   with pytest.raises(ValueError, match="needs a masked-LM encoder checkpoint.*decoder"):
     fill_mask(run, {}, ["a [MASK]"])
 

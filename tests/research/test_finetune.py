@@ -95,7 +95,7 @@ def test_user_csv_with_the_decoder(trained_gpt, tmp_path):
 
 def test_bad_inputs_are_named(trained_gpt, trained_bert, tmp_path):
   config = topics_config(steps=2)
-  with pytest.raises(ValueError, match="pass --init-from DIR"):
+  with pytest.raises(ValueError, match="pass --init_from DIR"):
     finetune.finetune(config, tmp_path / "a")
   with pytest.raises(FileNotFoundError, match="no run folder"):
     finetune.finetune(config, tmp_path / "a", str(tmp_path / "missing"))

@@ -116,14 +116,15 @@ def test_summary_reports_nsp_and_survives_empty_sums():
                                "count": 0.0}) == {"tokens": 0.0}
 
 
-def test_dispatcher_picks_the_loss_by_objective_name():
+def test_the_registry_picks_the_loss_by_objective_name():
   logits, batch = _causal_batch()
   np.testing.assert_allclose(
-      objectives.loss_fn_for("causal")(jnp.asarray(logits), batch)[0],
+      objectives.get("causal").loss(jnp.asarray(logits), batch, None)[0],
       objectives.causal_lm_loss(jnp.asarray(logits), batch)[0])
-  assert objectives.loss_fn_for("classification") is objectives.classification_loss
+  assert set(objectives.REGISTRY) == {"causal", "mlm", "classification"}
+  assert all(name == o.name for name, o in objectives.REGISTRY.items())
   with pytest.raises(ValueError, match="unknown objective 'seq2seq'"):
-    objectives.loss_fn_for("seq2seq")
+    objectives.get("seq2seq")
 
 
 def test_confusion_matrix_and_macro_f1_match_a_hand_count():

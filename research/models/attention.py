@@ -22,7 +22,7 @@ from flax import struct
 from jax import lax
 
 import kernels
-from research.model_config import ModelConfig
+from research.models.config import ModelConfig
 
 INIT_STD = 0.02  # BERT and GPT-2 initialise weights from N(0, 0.02^2).
 

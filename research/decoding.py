@@ -1,6 +1,6 @@
 """Text generation from a decoder: batched, jitted, with the model's KV cache.
 
-  run = saved_run.open_run("runs/tiny_gpt")
+  run = checkpoint.open_run("runs/tiny_gpt")
   step, params = run.restore_params()
   tokens = generate(run.model_cfg, params, [np.array([5, 17, 2]), np.array([9])],
                     max_new_tokens=32, sampling=Sampling(temperature=0.8, top_k=40),
@@ -29,12 +29,12 @@ import numpy as np
 from jax import lax
 
 from research import models
-from research.model_config import ModelConfig
+from research.models.config import ModelConfig
 from research.sampling import Sampling, sample
 
 if TYPE_CHECKING:
   from research.data import Tokenizer
-  from research.saved_run import SavedRun
+  from research.checkpoint import SavedRun
 
 NO_TOKEN = -1  # eos_id inside the program when there is none: never sampled
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import model_config
-from research.layers import Embedding, Transformer, TransformerBlock
+from research.models import config as model_config
+from research.models.layers import Embedding, Transformer, TransformerBlock
 from research.models import build_model, init_params, random_params
-from research.self_attention import AttentionMask
+from research.models.attention import AttentionMask
 
 
 def _config(**changes):

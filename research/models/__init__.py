@@ -1,12 +1,18 @@
-"""From a ModelConfig to a module, its parameters, and its outputs on a batch.
+"""The model library: one config, one block, the encoder and the decoder.
+
+  config.py     ModelConfig (every architectural and numerical choice) and presets
+  attention.py  multi-head / grouped-query attention through kernels.dot_product_attention,
+                rotary embeddings, the key/value cache
+  layers.py     embeddings, the MLP and the one Transformer block both models share
+  encoder.py    BERT-style bidirectional encoder: MLM and NSP heads, classifier
+  decoder.py    GPT-style causal decoder: tied LM head, prefill + cached decoding
+  hf_import.py  Hugging Face BERT / GPT-2 checkpoints -> (ModelConfig, params)
+
+This module turns a ModelConfig into a module and its parameters (how a model
+runs on a batch is the objective's: research.objectives):
 
   model = build_model(cfg)
   params = init_params(cfg, jax.random.key(0))
-  outputs = model_outputs(model, {"params": params}, batch, "causal")
-  loss, metrics = objectives.loss_fn_for("causal")(outputs, batch)
-
-`model_outputs` reads the batch keys of `research.data` for each objective and
-returns what `objectives.loss_fn_for(objective)` takes.
 """
 
 from __future__ import annotations
@@ -18,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from research.decoder import Decoder
-from research.encoder import Encoder
-from research.model_config import ModelConfig
-from research.objectives import OBJECTIVES
+from research.models.decoder import Decoder
+from research.models.encoder import Encoder
+from research.models.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -44,6 +49,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   return init(rng)["params"]
 
 
+def abstract_params(cfg: ModelConfig):
+  """Shapes and dtypes of `init_params`' tree (jax.eval_shape allocates nothing)."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
 def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.05) -> dict:
   """Parameters of init's tree and dtypes, every leaf drawn on the host by numpy.
 
@@ -52,7 +62,7 @@ def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.05) -> dict:
   LayerNorm scales ~ 1 + N(0, std^2). For tests and smoke runs; train from
   `init_params`.
   """
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  shapes = abstract_params(cfg)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -71,40 +81,5 @@ def count_params(cfg: ModelConfig) -> int:
   Biases, LayerNorm scales and offsets, the position table and every head the
   config builds are counted.
   """
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  shapes = abstract_params(cfg)
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
-
-
-def model_outputs(
-    model: nn.Module,
-    variables: dict,
-    batch: dict,
-    objective: str,
-    *,
-    deterministic: bool = True,
-    rngs: dict | None = None,  # {"dropout": key} when not deterministic
-):
-  """Runs the model as `objective` needs; returns the input of its loss.
-
-  causal: logits [B, T, V] from batch["inputs"], ["positions"], ["segment_ids"].
-  mlm: the encoder's output dict from ["input_ids"], ["token_type_ids"],
-    ["padding_mask"].
-  classification: class logits [B, num_labels] from the same keys (the encoder
-    pools the first token, the decoder the last real one).
-  """
-  if objective == "causal":
-    return model.apply(
-        variables, batch["inputs"], positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"), deterministic=deterministic,
-        rngs=rngs)
-  if objective == "mlm":
-    return model.apply(
-        variables, batch["input_ids"], batch.get("token_type_ids"),
-        batch.get("padding_mask"), deterministic=deterministic, rngs=rngs)
-  if objective == "classification":
-    return model.apply(
-        variables, batch["input_ids"], batch.get("token_type_ids"),
-        batch.get("padding_mask"), deterministic=deterministic, rngs=rngs,
-        method="classify")
-  raise ValueError(
-      f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}.")

@@ -1,7 +1,7 @@
 """The train state and the pure, pmapped train and eval steps.
 
   state = create(model_cfg, tx, seed)              # host, unreplicated
-  p_train, p_eval = pmapped_steps(model, tx, objective, nsp, devices)
+  p_train, p_eval = pmapped_steps(model, tx, objectives.get("causal"), devices)
   state, sums = p_train(replicated_state, sharded_batch)   # sums: psum'd metrics
 
 Losses are normalised by the *global* token (and NSP example) count, so the
@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
@@ -32,10 +31,13 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array  # uint32 [2] base dropout key; per step fold_in(rng, step)
 
 
-def create(model_cfg, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """A fresh state (host side; replicate it for pmap)."""
+def create(model_cfg, tx: optax.GradientTransformation, seed: int,
+           params=None) -> TrainState:
+  """A fresh state at step 0 (host side; replicate it for pmap), from freshly
+  initialised parameters or from given ones (an imported model's)."""
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-  params = models.init_params(model_cfg, init_rng)
+  if params is None:
+    params = models.init_params(model_cfg, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), rng=dropout_rng)
 
@@ -55,9 +57,12 @@ def _global_mean_loss(sums: dict, n_devices: int):
   return n_devices * loss
 
 
-def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
-  """train_step(state, batch) -> (state, metric sums); run under pmap(AXIS)."""
-  loss_fn = objectives.loss_fn_for(objective, nsp=nsp)
+def make_train_step(model, tx, objective: objectives.Objective, n_devices: int):
+  """train_step(state, batch) -> (state, metric sums); run under pmap(AXIS).
+
+  model is the Encoder / Decoder module; its .cfg is what the loss reads
+  (e.g. whether the encoder has an NSP head).
+  """
 
   def train_step(state: TrainState, batch: dict):
     # Same key on resume (step is in the state); distinct per device.
@@ -65,9 +70,9 @@ def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
                              jax.lax.axis_index(AXIS))
 
     def loss_of(params):
-      outputs = models.model_outputs(model, {"params": params}, batch, objective,
-                                     deterministic=False, rngs={"dropout": rng})
-      _, sums = loss_fn(outputs, batch)
+      outputs = objective.outputs(model, {"params": params}, batch,
+                                  deterministic=False, rngs={"dropout": rng})
+      _, sums = objective.loss(outputs, batch, model.cfg)
       return _global_mean_loss(sums, n_devices), sums
 
     grads, sums = jax.grad(loss_of, has_aux=True)(state.params)
@@ -81,36 +86,28 @@ def make_train_step(model, tx, objective: str, nsp: bool, n_devices: int):
   return train_step
 
 
-def make_eval_step(model, objective: str, nsp: bool):
+def make_eval_step(model, objective: objectives.Objective):
   """eval_step(params, batch) -> metric sums over all devices; run under pmap(AXIS).
 
-  Classification adds the confusion matrix, for macro-F1.
+  The objective's eval_sums are added (classification: the confusion matrix).
   """
-  loss_fn = objectives.loss_fn_for(objective, nsp=nsp)
 
   def eval_step(params, batch: dict):
-    outputs = models.model_outputs(model, {"params": params}, batch, objective)
-    _, sums = loss_fn(outputs, batch)  # padded eval rows carry weights == 0
-    if objective == "classification":
-      sums["confusion"] = objectives.confusion_matrix(
-          outputs, batch["labels"], batch["weights"])
+    outputs = objective.outputs(model, {"params": params}, batch)
+    _, sums = objective.loss(outputs, batch, model.cfg)  # padded rows weigh 0
+    if objective.eval_sums is not None:
+      sums.update(objective.eval_sums(outputs, batch))
     return jax.lax.psum(sums, AXIS)
   return eval_step
 
 
-def pmapped_eval_step(model, objective: str, nsp: bool, devices):
+def pmapped_eval_step(model, objective: objectives.Objective, devices):
   """The eval step alone, pmapped over `devices` (for evaluating a checkpoint)."""
-  return jax.pmap(make_eval_step(model, objective, nsp), axis_name=AXIS, devices=devices)
+  return jax.pmap(make_eval_step(model, objective), axis_name=AXIS, devices=devices)
 
 
-def pmapped_steps(model, tx, objective: str, nsp: bool, devices):
+def pmapped_steps(model, tx, objective: objectives.Objective, devices):
   """The train and eval steps pmapped over `devices` (state donated)."""
-  n = len(devices)
-  p_train = jax.pmap(make_train_step(model, tx, objective, nsp, n), axis_name=AXIS,
+  p_train = jax.pmap(make_train_step(model, tx, objective, len(devices)), axis_name=AXIS,
                      devices=devices, donate_argnums=(0,))
-  return p_train, pmapped_eval_step(model, objective, nsp, devices)
-
-
-def to_host(replicated):
-  """Device 0's copy as numpy (for checkpoints; survives the next step's donation)."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x[0])), replicated)
+  return p_train, pmapped_eval_step(model, objective, devices)

@@ -31,14 +31,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from research.layers import (
+from research.models.layers import (
     ClassificationHead,
     Embeddings,
     Transformer,
     default_positions,
 )
-from research.model_config import ModelConfig
-from research.self_attention import AttentionMask, LayerCache
+from research.models.config import ModelConfig
+from research.models.attention import AttentionMask, LayerCache
 
 
 class DecodeCache(struct.PyTreeNode):

@@ -1,7 +1,7 @@
 """The pieces both models share: embeddings, the Transformer block and stack, heads.
 
 Parameter names follow the concern, not a source checkpoint
-(`research.hf_import` maps Hugging Face names onto these):
+(`research.models.hf_import` maps Hugging Face names onto these):
 
   embeddings/{token,position,token_type}/embedding, embeddings/norm
   transformer/layer_{i}/{attention/{query,key,value,out},attention_norm,
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research.model_config import ModelConfig
-from research.self_attention import (
+from research.models.config import ModelConfig
+from research.models.attention import (
     INIT_STD,
     AttentionMask,
     LayerCache,

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.model_config import ModelConfig
+from research.models.config import ModelConfig
 from research.models import random_params
-from research.self_attention import (
+from research.models.attention import (
     AttentionMask,
     LayerCache,
     SelfAttention,

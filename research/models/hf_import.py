@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from research.model_config import ModelConfig
-from research.models import build_model, dummy_inputs
+from research.models.config import ModelConfig
+from research.models import abstract_params
 
 BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
 GPT2_ARCHITECTURES = ("GPT2LMHeadModel",)
@@ -345,8 +345,7 @@ def _gpt2_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
 
 def _assemble(params: dict, cfg: ModelConfig, architecture: str) -> dict:
   """Checks the tree against build_model(cfg).init; returns it as param_dtype arrays."""
-  expected = jax.eval_shape(
-      lambda: build_model(cfg).init(jax.random.key(0), *dummy_inputs(cfg)))["params"]
+  expected = abstract_params(cfg)
   got_paths = {jax.tree_util.keystr(p) for p, _ in
                jax.tree_util.tree_flatten_with_path(params)[0]}
   want = jax.tree_util.tree_flatten_with_path(expected)[0]

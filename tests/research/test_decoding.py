@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from research import model_config
-from research.generation import generate, generate_text
+from research.models import config as model_config
+from research.decoding import generate, generate_text
 from research.models import build_model, random_params
 from research.sampling import Sampling
-from research.saved_run import open_run
+from research.checkpoint import open_run
 from tests.research.conftest import ROOT
 
 PROMPTS = ["bcd", "ponmlkji", "the quick brown fox"]  # 3, 8 and 19 tokens (bytes)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import model_config
-from research.decoder import Decoder
+from research.models import config as model_config
+from research.models.decoder import Decoder
 from research.models import build_model, random_params
 
 VOCAB = 61

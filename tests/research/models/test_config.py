@@ -2,8 +2,8 @@
 
 import pytest
 
-from research import model_config
-from research.model_config import ModelConfig
+from research.models import config as model_config
+from research.models.config import ModelConfig
 
 
 @pytest.mark.parametrize("name", sorted(model_config.presets))

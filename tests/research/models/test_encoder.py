@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import model_config
-from research.encoder import Encoder
+from research.models import config as model_config
+from research.models.encoder import Encoder
 from research.models import build_model, init_params, random_params
 
 VOCAB = 53

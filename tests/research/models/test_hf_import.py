@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from research.hf_import import load_hf_checkpoint
+from research.models.hf_import import load_hf_checkpoint
 from research.models import build_model
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)

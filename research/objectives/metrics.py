@@ -1,4 +1,4 @@
-"""Losses and metrics: causal LM, masked LM (+ NSP), sequence classification.
+"""What every objective's loss and metrics are made of.
 
 Every loss returns (loss_mean, metrics). loss_mean is what the optimizer
 differentiates; metrics are float32 *sums* with their denominators, so they
@@ -18,15 +18,11 @@ are never read (they may be -100, Hugging Face's ignore index, or garbage).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-OBJECTIVES = ("causal", "mlm", "classification")
-
 
 def weighted_cross_entropy(
     logits,  # [..., classes] float
@@ -49,7 +45,7 @@ def weighted_cross_entropy(
   }
 
 
-def _row_weights(batch: dict, rows: int):
+def row_weights(batch: dict, rows: int):
   """batch["weights"] [B] (0 = an evaluation padding row), else all ones."""
   weights = batch.get("weights")
   if weights is None:
@@ -57,62 +53,9 @@ def _row_weights(batch: dict, rows: int):
   return weights.astype(jnp.float32)
 
 
-def _mean(total, count):
+def safe_mean(total, count):
   """total / count, 0 when nothing counted (an all-padding batch)."""
   return total / jnp.maximum(count, 1e-8)
-
-
-def causal_lm_loss(
-    logits,  # [batch, seq, vocab] float32
-    batch: dict,  # targets [batch, seq] int, loss_mask [batch, seq] float32
-):
-  """Next-token cross-entropy averaged over the positions loss_mask keeps.
-
-  The data pipeline's loss_mask is authoritative: it is 0 on padding and at
-  any position whose target lies in another document of a packed row. The
-  other half of respecting document boundaries is the model's: segment_ids
-  stop attention from crossing them.
-  """
-  targets = batch["targets"]
-  weights = batch.get("loss_mask")
-  if weights is None:
-    weights = jnp.ones(targets.shape, jnp.float32)
-  weights = weights * _row_weights(batch, targets.shape[0])[:, None]
-  metrics = weighted_cross_entropy(logits, targets, weights)
-  return _mean(metrics["loss_sum"], metrics["count"]), metrics
-
-
-def mlm_loss(
-    outputs: dict,  # Encoder outputs: mlm_logits [B, T, V], nsp_logits [B, 2]
-    batch: dict,  # mlm_labels [B, T], mlm_weights [B, T], nsp_labels [B]
-    nsp: bool = False,
-):
-  """Masked-LM cross-entropy over masked positions only, plus NSP if asked.
-
-  The loss is mean MLM loss + mean NSP loss, as in BERT's pre-training. A
-  label < 0 (Hugging Face's -100) is ignored even where its weight is set.
-  """
-  labels = batch["mlm_labels"]
-  rows = _row_weights(batch, labels.shape[0])
-  weights = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0) * rows[:, None]
-  metrics = weighted_cross_entropy(outputs["mlm_logits"], labels, weights)
-  loss = _mean(metrics["loss_sum"], metrics["count"])
-  if nsp:
-    nsp_metrics = weighted_cross_entropy(
-        outputs["nsp_logits"], batch["nsp_labels"], rows)
-    metrics.update({f"nsp_{k}": v for k, v in nsp_metrics.items()})
-    loss = loss + _mean(nsp_metrics["loss_sum"], nsp_metrics["count"])
-  return loss, metrics
-
-
-def classification_loss(
-    logits,  # [batch, num_labels] float32
-    batch: dict,  # labels [batch] int; optional weights [batch] (0 = padding example)
-):
-  """Cross-entropy averaged over examples (padded eval examples weighted 0)."""
-  labels = batch["labels"]
-  metrics = weighted_cross_entropy(logits, labels, _row_weights(batch, labels.shape[0]))
-  return _mean(metrics["loss_sum"], metrics["count"]), metrics
 
 
 def confusion_matrix(
@@ -137,22 +80,6 @@ def f1_scores(confusion) -> np.ndarray:  # [num_labels] float64
   tp = np.diag(confusion)
   denominator = confusion.sum(0) + confusion.sum(1)  # = 2 TP + FP + FN
   return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-
-
-def loss_fn_for(objective: str, *, nsp: bool = False) -> Callable:
-  """The loss (outputs, batch) -> (loss_mean, metrics) for an objective name.
-
-  outputs is what `research.models.model_outputs(..., objective)` returns;
-  nsp matters only for "mlm" (pass cfg.nsp).
-  """
-  if objective == "causal":
-    return causal_lm_loss
-  if objective == "mlm":
-    return lambda outputs, batch: mlm_loss(outputs, batch, nsp=nsp)
-  if objective == "classification":
-    return classification_loss
-  raise ValueError(
-      f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}.")
 
 
 def summarize(sums: dict) -> dict[str, float]:

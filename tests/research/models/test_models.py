@@ -1,17 +1,17 @@
-"""build_model, parameter counts, and model_outputs feeding each objective's loss."""
+"""build_model, parameter counts, and each objective's outputs feeding its loss."""
 
 import jax
 import numpy as np
 import pytest
 
-from research import model_config, objectives
-from research.decoder import Decoder
-from research.encoder import Encoder
+from research.models import config as model_config
+from research import objectives
+from research.models.decoder import Decoder
+from research.models.encoder import Encoder
 from research.models import (
     build_model,
     count_params,
     init_params,
-    model_outputs,
     random_params,
 )
 
@@ -86,14 +86,14 @@ def test_a_gradient_step_on_the_objective_lowers_its_loss(preset, objective, cha
   cfg = _small(preset, dropout=0.1, **changes)
   model = build_model(cfg)
   batch = _batches()[objective]
-  loss_fn = objectives.loss_fn_for(objective, nsp=cfg.nsp)
+  record = objectives.get(objective)
 
   @jax.jit
   def loss_and_grad(params, dropout_rng):
     def loss(params):
-      outputs = model_outputs(model, {"params": params}, batch, objective,
-                              deterministic=False, rngs={"dropout": dropout_rng})
-      return loss_fn(outputs, batch)
+      outputs = record.outputs(model, {"params": params}, batch,
+                               deterministic=False, rngs={"dropout": dropout_rng})
+      return record.loss(outputs, batch, cfg)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   # The trainer's init for one case; host-drawn values (no init compile) for the rest.
@@ -112,4 +112,4 @@ def test_a_gradient_step_on_the_objective_lowers_its_loss(preset, objective, cha
 def test_unknown_objective_is_refused():
   cfg = _small("tiny_gpt")
   with pytest.raises(ValueError, match="unknown objective 'rl'"):
-    model_outputs(build_model(cfg), {"params": {}}, {}, "rl")
+    objectives.get("rl").outputs(build_model(cfg), {"params": {}}, {})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research.layers import (
+from research.models.layers import (
     ClassificationHead,
     Embeddings,
     Transformer,
@@ -26,8 +26,8 @@ from research.layers import (
     dense,
     layer_norm,
 )
-from research.model_config import ModelConfig
-from research.self_attention import AttentionMask
+from research.models.config import ModelConfig
+from research.models.attention import AttentionMask
 
 
 class MlmTransform(nn.Module):

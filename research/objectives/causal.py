@@ -1,0 +1,61 @@
+"""Causal language modelling: next-token prediction with a decoder (GPT)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from research import data as data_lib
+from research import run_data
+from research.objectives.metrics import row_weights, safe_mean, weighted_cross_entropy
+from research.objectives.objective import Objective, pretraining_model_config
+
+
+def causal_lm_loss(
+    logits,  # [batch, seq, vocab] float32
+    batch: dict,  # targets [batch, seq] int, loss_mask [batch, seq] float32
+):
+  """Next-token cross-entropy averaged over the positions loss_mask keeps.
+
+  The data pipeline's loss_mask is authoritative: it is 0 on padding and at
+  any position whose target lies in another document of a packed row. The
+  other half of respecting document boundaries is the model's: segment_ids
+  stop attention from crossing them.
+  """
+  targets = batch["targets"]
+  weights = batch.get("loss_mask")
+  if weights is None:
+    weights = jnp.ones(targets.shape, jnp.float32)
+  weights = weights * row_weights(batch, targets.shape[0])[:, None]
+  metrics = weighted_cross_entropy(logits, targets, weights)
+  return safe_mean(metrics["loss_sum"], metrics["count"]), metrics
+
+
+def outputs(model, variables, batch: dict, *, deterministic: bool = True, rngs=None):
+  """Logits [B, T, V] from batch["inputs"], ["positions"], ["segment_ids"]."""
+  return model.apply(
+      variables, batch["inputs"], positions=batch.get("positions"),
+      segment_ids=batch.get("segment_ids"), deterministic=deterministic, rngs=rngs)
+
+
+def _batches(config, tokens, **common):
+  return data_lib.CausalLMBatches(tokens, **common)
+
+
+def _validate(config) -> None:
+  if config.get("nsp"):
+    raise ValueError("config.nsp=True needs config.objective='mlm'.")
+
+
+OBJECTIVE = Objective(
+    name="causal",
+    fine_tunes=False,
+    model_config=lambda config, vocab_size, pretrained=None, num_labels=0: (
+        pretraining_model_config(config, vocab_size, kind="decoder")),
+    outputs=outputs,
+    loss=lambda outputs, batch, cfg: causal_lm_loss(outputs, batch),
+    train_data=functools.partial(run_data.build_lm, make_batches=_batches),
+    eval_data=functools.partial(run_data.lm_evaluation_batches, make_batches=_batches),
+    validate=_validate,
+)
