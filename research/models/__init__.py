@@ -1,11 +1,13 @@
-"""The model library: one config, one block, the encoder and the decoder.
+"""The model library: one config, one block, the encoder, decoder and encoder-decoder.
 
   config.py     ModelConfig (every architectural and numerical choice) and presets
-  attention.py  multi-head / grouped-query attention through kernels.dot_product_attention,
-                rotary embeddings, the key/value cache
-  layers.py     embeddings, the MLP and the one Transformer block both models share
+  attention.py  multi-head / grouped-query self- and cross-attention through
+                kernels.dot_product_attention, rotary embeddings, the key/value cache
+  layers.py     embeddings, the MLP and the one Transformer block all models share
   encoder.py    BERT-style bidirectional encoder: MLM and NSP heads, classifier
   decoder.py    GPT-style causal decoder: tied LM head, prefill + cached decoding
+  encoder_decoder.py  the original Transformer for seq2seq: encoder, decoder with
+                cross-attention, cached decoding with the source's keys kept
   hf_import.py  Hugging Face BERT / GPT-2 checkpoints -> (ModelConfig, params)
 
 This module turns a ModelConfig into a module and its parameters (how a model
@@ -26,12 +28,15 @@ from flax import linen as nn
 
 from research.models.decoder import Decoder
 from research.models.encoder import Encoder
+from research.models.encoder_decoder import EncoderDecoder
 from research.models.config import ModelConfig
+
+_MODELS = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-  """The Encoder or Decoder that cfg.kind names."""
-  return Encoder(cfg) if cfg.kind == "encoder" else Decoder(cfg)
+  """The Encoder, Decoder or EncoderDecoder that cfg.kind names."""
+  return _MODELS[cfg.kind](cfg)
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> tuple:
@@ -39,6 +44,8 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> tuple:
   ids = jnp.zeros((batch, min(seq, cfg.max_len)), jnp.int32)
   if cfg.kind == "encoder":
     return ids, jnp.zeros_like(ids), jnp.ones(ids.shape, jnp.bool_)
+  if cfg.kind == "encoder_decoder":
+    return ids, ids  # source, target inputs
   return (ids,)
 
 

@@ -1,7 +1,9 @@
-"""Self-attention over the kernel entry point, with rotary positions and a KV cache.
+"""Self- and cross-attention over the kernel entry point, rotary positions, KV cache.
 
 The layer projects q, k, v, optionally rotates q and k (RoPE), and calls
 `kernels.dot_product_attention` with the implementation the config names.
+`CrossAttention` (the encoder-decoder's) takes its keys and values from the
+encoder output instead, unrotated, and can be handed them precomputed.
 Which keys a query sees is described by an `AttentionMask` in the terms of
 `kernels.masking` (bottom-right causal, key padding, segment ids).
 
@@ -75,6 +77,21 @@ def apply_rotary(
   return rotated.astype(x.dtype)
 
 
+def _heads_projection(cfg: ModelConfig, heads: int, name: str) -> nn.DenseGeneral:
+  """[..., hidden] -> [..., heads, head_dim]."""
+  return nn.DenseGeneral(
+      (heads, cfg.head_dim), dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+      kernel_init=nn.initializers.normal(INIT_STD), name=name)
+
+
+def _output_projection(cfg: ModelConfig, std: float) -> nn.DenseGeneral:
+  """[..., heads, head_dim] -> [..., hidden]."""
+  return nn.DenseGeneral(
+      cfg.hidden_size, axis=(-2, -1), dtype=cfg.compute_dtype,
+      param_dtype=cfg.params_dtype, kernel_init=nn.initializers.normal(std),
+      name="out")
+
+
 class SelfAttention(nn.Module):
   """Grouped-query self-attention; returns (output [B, T, hidden], LayerCache)."""
 
@@ -91,16 +108,9 @@ class SelfAttention(nn.Module):
       cache_index=None,  # [batch] int: first slot this call writes
   ):
     cfg = self.cfg
-    dtype, param_dtype = cfg.compute_dtype, cfg.params_dtype
-
-    def project(heads, name):
-      return nn.DenseGeneral(
-          (heads, cfg.head_dim), dtype=dtype, param_dtype=param_dtype,
-          kernel_init=nn.initializers.normal(INIT_STD), name=name)(x)
-
-    q = project(cfg.num_heads, "query")  # [B, T, H, D]
-    k = project(cfg.kv_heads, "key")  # [B, T, Hkv, D]
-    v = project(cfg.kv_heads, "value")
+    q = _heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, H, D]
+    k = _heads_projection(cfg, cfg.kv_heads, "key")(x)  # [B, T, Hkv, D]
+    v = _heads_projection(cfg, cfg.kv_heads, "value")(x)
     if cfg.position == "rotary":
       q = apply_rotary(q, positions, cfg.rotary_base)
       k = apply_rotary(k, positions, cfg.rotary_base)
@@ -115,7 +125,44 @@ class SelfAttention(nn.Module):
         kv_segment_ids=mask.kv_segment_ids,
         implementation=cfg.attention,
     )  # [B, T, H, D]
-    out = nn.DenseGeneral(
-        cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.initializers.normal(self.out_init_std), name="out")(out)
-    return out, kv
+    return _output_projection(cfg, self.out_init_std)(out), kv
+
+
+class CrossAttention(nn.Module):
+  """Queries from the decoder, keys and values from the encoder output (memory).
+
+  Returns (output [B, T, hidden], LayerCache of the memory's keys and values).
+  Decoding computes the memory's keys and values once (the first call, with
+  `memory`) and passes them back as `memory_kv` at every later step. No
+  rotary positions: source and target positions are not comparable (T5 and
+  the original Transformer put no positional term in cross-attention either).
+  """
+
+  cfg: ModelConfig
+  out_init_std: float = INIT_STD
+
+  @nn.compact
+  def __call__(
+      self,
+      x,  # [batch, q_len, hidden]
+      mask: AttentionMask,  # key_padding_mask [B, src_len]; segment ids of q and kv
+      memory=None,  # [batch, src_len, hidden]: the encoder output
+      memory_kv: LayerCache | None = None,  # its keys/values, instead of memory
+  ):
+    cfg = self.cfg
+    q = _heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, H, D]
+    if memory_kv is None:
+      if memory is None:
+        raise ValueError("CrossAttention needs the encoder output or its keys/values.")
+      memory_kv = LayerCache(
+          _heads_projection(cfg, cfg.kv_heads, "key")(memory),  # [B, S, Hkv, D]
+          _heads_projection(cfg, cfg.kv_heads, "value")(memory))
+    out = kernels.dot_product_attention(
+        q, memory_kv.keys, memory_kv.values,
+        causal=False,  # every target position may read the whole source
+        key_padding_mask=mask.key_padding_mask,
+        segment_ids=mask.segment_ids,
+        kv_segment_ids=mask.kv_segment_ids,
+        implementation=cfg.attention,
+    )  # [B, T, H, D]
+    return _output_projection(cfg, self.out_init_std)(out), memory_kv

@@ -1,8 +1,9 @@
-"""The model configuration: one frozen dataclass for the encoder and the decoder.
+"""The model configuration: one frozen dataclass for every model kind.
 
-`ModelConfig` describes either model (`kind`); `research.models.build_model`
-turns it into a Flax module. `presets` holds the reference sizes (GPT-2 small,
-BERT-base) and the tiny ones every test and CPU smoke run uses:
+`ModelConfig` describes the encoder, the decoder or the encoder-decoder
+(`kind`); `research.models.build_model` turns it into a Flax module. `presets`
+holds the reference sizes (GPT-2 small, BERT-base, Transformer-base) and the
+tiny ones every test and CPU smoke run uses:
 
   cfg = model_config.presets["tiny_gpt"](vocab_size=tokenizer.vocab_size)
   cfg = model_config.ModelConfig.from_dict(config.model.to_dict())
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from kernels import IMPLEMENTATIONS
 
-KINDS = ("encoder", "decoder")
+KINDS = ("encoder", "decoder", "encoder_decoder")
 POSITIONS = ("learned", "rotary")
 NORMS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -28,7 +29,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ModelConfig:
   """Every architectural and numerical choice of one model."""
 
-  # "encoder" (BERT-style, bidirectional) or "decoder" (GPT-style, causal).
+  # "encoder" (BERT-style, bidirectional), "decoder" (GPT-style, causal) or
+  # "encoder_decoder" (the original Transformer: num_layers encoder blocks and
+  # num_layers decoder blocks with cross-attention).
   kind: str = "decoder"
   # Rows of the token embedding (and columns of the tied output layer).
   vocab_size: int = 8192
@@ -43,6 +46,7 @@ class ModelConfig:
   # Width of the MLP's hidden layer.
   mlp_dim: int = 512
   # Longest sequence: rows of the learned position table, cap of the KV cache.
+  # Encoder-decoder: the longest source and the longest target, each.
   max_len: int = 256
   # "learned" absolute position embeddings or "rotary" (RoPE on q and k).
   position: str = "learned"
@@ -82,6 +86,11 @@ class ModelConfig:
   mlm: bool = True
   # Encoder: build the next-sentence-prediction head (pooler + 2-way linear).
   nsp: bool = False
+  # Encoder-decoder: one token table for the source, the target and the output
+  # layer (Vaswani et al. 2017, section 3.4; T5), which needs one vocabulary
+  # for both languages. False: the encoder has its own table; the output layer
+  # stays tied to the decoder's. Other kinds: unused.
+  share_embeddings: bool = True
 
   def __post_init__(self):
     _validate(self)
@@ -129,7 +138,7 @@ class ModelConfig:
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
                "max_len", "type_vocab_size", "num_labels")
 _FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps")
-_BOOL_FIELDS = ("remat", "mlm", "nsp")
+_BOOL_FIELDS = ("remat", "mlm", "nsp", "share_embeddings")
 _CHOICES = {
     "kind": KINDS,
     "position": POSITIONS,
@@ -204,9 +213,12 @@ def _validate(cfg: ModelConfig):
   if cfg.layer_norm_eps <= 0.0:
     raise ValueError(
         f"ModelConfig.layer_norm_eps must be > 0, got {cfg.layer_norm_eps}.")
-  if cfg.kind == "decoder" and cfg.nsp:
+  if cfg.kind != "encoder" and cfg.nsp:
     raise ValueError("nsp=True needs kind='encoder': the NSP head pools the"
                      " first token of a bidirectional encoder.")
+  if cfg.kind == "encoder_decoder" and cfg.num_labels:
+    raise ValueError("num_labels > 0 needs kind='encoder' or 'decoder': the"
+                     " encoder-decoder has no classification head.")
 
 
 # Presets. Each takes overrides, e.g. tiny_gpt(vocab_size=tokenizer.vocab_size).
@@ -250,9 +262,33 @@ def tiny_bert(**overrides) -> ModelConfig:
   ).replace(**overrides)
 
 
+def transformer_base(**overrides) -> ModelConfig:
+  """Transformer-base (Vaswani et al. 2017, table 3): 6 + 6 layers, width 512,
+  8 heads, MLP 2048, dropout 0.1, one shared 32k table (60.8M parameters; T5-small
+  is the same size). Pre-LN and GELU rather than the paper's post-LN and ReLU:
+  pre-LN trains without the paper's careful warm-up (Xiong et al. 2020)."""
+  return ModelConfig(
+      kind="encoder_decoder", vocab_size=32000, hidden_size=512, num_layers=6,
+      num_heads=8, mlp_dim=2048, max_len=256, position="learned", norm="pre",
+      activation="gelu", dropout=0.1, layer_norm_eps=1e-6, share_embeddings=True,
+  ).replace(**overrides)
+
+
+def tiny_seq2seq(**overrides) -> ModelConfig:
+  """A 2 + 2-layer encoder-decoder of width 128 (1.07M parameters with a 1k
+  vocabulary) that learns the built-in synthetic translation task on a CPU."""
+  return ModelConfig(
+      kind="encoder_decoder", vocab_size=1024, hidden_size=128, num_layers=2,
+      num_heads=4, mlp_dim=512, max_len=64, position="learned", norm="pre",
+      activation="gelu", dropout=0.0, layer_norm_eps=1e-6, share_embeddings=True,
+  ).replace(**overrides)
+
+
 presets: dict[str, Callable[..., ModelConfig]] = {
     "gpt2_small": gpt2_small,
     "bert_base": bert_base,
     "tiny_gpt": tiny_gpt,
     "tiny_bert": tiny_bert,
+    "transformer_base": transformer_base,
+    "tiny_seq2seq": tiny_seq2seq,
 }

@@ -1,4 +1,4 @@
-"""The pieces both models share: embeddings, the Transformer block and stack, heads.
+"""The pieces all models share: embeddings, the Transformer block and stack, heads.
 
 Parameter names follow the concern, not a source checkpoint
 (`research.models.hf_import` maps Hugging Face names onto these):
@@ -7,6 +7,10 @@ Parameter names follow the concern, not a source checkpoint
   transformer/layer_{i}/{attention/{query,key,value,out},attention_norm,
                           mlp/{up,down},mlp_norm}
   transformer/final_norm                      (pre-LN only)
+
+The encoder-decoder's decoder stack is the same block with `cross_attention`:
+a third sublayer, layer_{i}/{cross_attention/{query,key,value,out},
+cross_attention_norm}, between self-attention and the MLP.
 
 Normalisation placement (`cfg.norm`):
   pre  (GPT-2):          x += drop(f(LN(x))) per sublayer; a final LN after the
@@ -27,6 +31,7 @@ from research.models.config import ModelConfig
 from research.models.attention import (
     INIT_STD,
     AttentionMask,
+    CrossAttention,
     LayerCache,
     SelfAttention,
 )
@@ -88,10 +93,14 @@ class Embeddings(nn.Module):
 
   cfg: ModelConfig
   token_types: bool  # the encoder's segment A/B embedding
+  # A token table owned by the parent, shared with other Embeddings (the
+  # encoder-decoder's source and target); None = a table of its own ("token").
+  shared_token: Embedding | None = None
 
   def setup(self):
     cfg = self.cfg
-    self.token = Embedding(cfg.vocab_size, cfg.hidden_size, cfg)
+    if self.shared_token is None:
+      self.token = Embedding(cfg.vocab_size, cfg.hidden_size, cfg)
     if cfg.position == "learned":
       self.position = Embedding(cfg.max_len, cfg.hidden_size, cfg)
     if self.token_types:
@@ -107,7 +116,7 @@ class Embeddings(nn.Module):
       token_type_ids=None,  # [batch, seq] int; None = all type 0
       deterministic: bool = True,
   ):  # -> [batch, seq, hidden] compute dtype
-    x = self.token(input_ids)
+    x = self._token_table()(input_ids)
     if self.cfg.position == "learned":
       x = x + self.position(positions)
     if self.token_types:
@@ -120,7 +129,10 @@ class Embeddings(nn.Module):
 
   def attend(self, x):  # [..., hidden] -> [..., vocab] float32
     """The output layer tied to the token embedding."""
-    return self.token.attend(x)
+    return self._token_table().attend(x)
+
+  def _token_table(self) -> Embedding:
+    return self.token if self.shared_token is None else self.shared_token
 
 
 class Mlp(nn.Module):
@@ -137,9 +149,16 @@ class Mlp(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Self-attention and MLP sublayers with residuals; returns (x, LayerCache)."""
+  """Self-attention (, cross-attention) and MLP sublayers with residuals.
+
+  Returns (x, LayerCache); with cross_attention, (x, LayerCache, the memory's
+  LayerCache), the latter for decoding to pass back as memory_kv.
+  """
 
   cfg: ModelConfig
+  # The encoder-decoder's decoder: attend to the encoder output after
+  # self-attention (Vaswani et al. 2017, section 3.1).
+  cross_attention: bool = False
 
   @nn.compact
   def __call__(
@@ -150,6 +169,9 @@ class TransformerBlock(nn.Module):
       deterministic: bool,  # positional: remat marks it static by index
       cache: LayerCache | None = None,
       cache_index=None,  # [batch] int
+      memory=None,  # [batch, src_len, hidden]: encoder output (cross_attention)
+      memory_mask: AttentionMask | None = None,  # which source tokens each query sees
+      memory_kv: LayerCache | None = None,  # the memory's keys/values, precomputed
   ):
     cfg = self.cfg
     attention = SelfAttention(
@@ -158,21 +180,43 @@ class TransformerBlock(nn.Module):
     attention_norm = layer_norm(cfg, "attention_norm")
     mlp_norm = layer_norm(cfg, "mlp_norm")
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
-    if cfg.norm == "pre":
+    pre = cfg.norm == "pre"
+    if pre:
       y, kv = attention(attention_norm(x), positions, mask, cache, cache_index)
       x = x + drop(y)
-      x = x + drop(mlp(mlp_norm(x)))
     else:
       y, kv = attention(x, positions, mask, cache, cache_index)
       x = attention_norm(x + drop(y))
+    if self.cross_attention:
+      cross = CrossAttention(
+          cfg, out_init_std=residual_init_std(cfg), name="cross_attention")
+      cross_norm = layer_norm(cfg, "cross_attention_norm")
+      if memory_mask is None:
+        memory_mask = AttentionMask()
+      if pre:
+        y, memory_kv = cross(cross_norm(x), memory_mask, memory, memory_kv)
+        x = x + drop(y)
+      else:
+        y, memory_kv = cross(x, memory_mask, memory, memory_kv)
+        x = cross_norm(x + drop(y))
+    if pre:
+      x = x + drop(mlp(mlp_norm(x)))
+    else:
       x = mlp_norm(x + drop(mlp(x)))
+    if self.cross_attention:
+      return x, kv, memory_kv
     return x, kv
 
 
 class Transformer(nn.Module):
-  """num_layers blocks (rematerialised if cfg.remat) and, pre-LN, the final LN."""
+  """num_layers blocks (rematerialised if cfg.remat) and, pre-LN, the final LN.
+
+  Returns (hidden [batch, seq, hidden], tuple of LayerCache, one per layer);
+  with cross_attention also the memory's keys/values, one LayerCache per layer.
+  """
 
   cfg: ModelConfig
+  cross_attention: bool = False  # the encoder-decoder's decoder stack
 
   @nn.compact
   def __call__(
@@ -183,20 +227,31 @@ class Transformer(nn.Module):
       deterministic: bool = True,
       caches: tuple[LayerCache, ...] | None = None,  # one per layer
       cache_index=None,  # [batch] int
-  ):  # -> (hidden [batch, seq, hidden], tuple of LayerCache, one per layer)
+      memory=None,  # [batch, src_len, hidden] (cross_attention)
+      memory_mask: AttentionMask | None = None,
+      memory_kvs: tuple[LayerCache, ...] | None = None,  # one per layer, precomputed
+  ):
     cfg = self.cfg
     block_class = TransformerBlock
     if cfg.remat:
       # Argument 4 (self is 0) is `deterministic`, a Python bool.
       block_class = nn.remat(TransformerBlock, static_argnums=(4,))
-    new_caches = []
+    new_caches, new_memory_kvs = [], []
     for i in range(cfg.num_layers):
       cache = None if caches is None else caches[i]
-      x, kv = block_class(cfg, name=f"layer_{i}")(
-          x, positions, mask, deterministic, cache, cache_index)
+      block = block_class(cfg, self.cross_attention, name=f"layer_{i}")
+      if self.cross_attention:
+        memory_kv = None if memory_kvs is None else memory_kvs[i]
+        x, kv, memory_kv = block(x, positions, mask, deterministic, cache, cache_index,
+                                 memory, memory_mask, memory_kv)
+        new_memory_kvs.append(memory_kv)
+      else:
+        x, kv = block(x, positions, mask, deterministic, cache, cache_index)
       new_caches.append(kv)
     if cfg.norm == "pre":
       x = layer_norm(cfg, "final_norm")(x)
+    if self.cross_attention:
+      return x, tuple(new_caches), tuple(new_memory_kvs)
     return x, tuple(new_caches)
 
 
