@@ -5,7 +5,9 @@ from kernels.attention import (
     dot_product_attention,
     resolve_implementation,
 )
-from kernels.pallas_attention import BlockSizes, TritonBackendNotice, flash_attention
+from kernels.block_sizes import BlockSizes
+from kernels.pallas_attention import flash_attention
+from kernels.triton_notice import TritonBackendNotice
 from kernels.reference import reference_attention
 
 __all__ = [

@@ -2,9 +2,9 @@
 
 Launch (GPU, the default sweep; the FlashAttention papers' setting):
 
-  python -m kernels.benchmark --out bench_out/h100
+  python -m kernels.benchmark --out=bench_out/h100
 
-  (or `fusedlm-attention-bench --out bench_out/h100`). It sweeps bf16,
+  (or `fusedlm-attention-bench --out=bench_out/h100`). It sweeps bf16,
   batch * seq = 16384 tokens, heads * head_dim = 2048, head dims 64 and 128,
   seq 512 to 16384, causal and not, forward and forward+backward, over the
   implementations pallas (ours), xla, cudnn and jax-triton
@@ -12,10 +12,10 @@ Launch (GPU, the default sweep; the FlashAttention papers' setting):
 
 Smoke run (tiny sizes; the default on a CPU, where Pallas runs interpreted):
 
-  python -m kernels.benchmark --smoke --out /tmp/bench_smoke
+  python -m kernels.benchmark --smoke --out=/tmp/bench_smoke
 
-Each flag narrows the sweep, e.g. `--seq-lens 4096 --head-dims 128 --passes
-fwd --impls pallas,cudnn --causal on --reps 100`. Writes a table to stdout,
+Each flag narrows the sweep, e.g. `--seq_lens=4096 --head_dims=128
+--passes=fwd --impls=pallas,cudnn --causal=on --reps=100`. Writes a table to stdout,
 `attention_bench.json` (every cell, device, JAX version, date, command) and
 `attention_bench.png` (TFLOP/s against N) under --out. Method and column
 meanings: `kernels.bench_measure`, `kernels.bench_report`, BENCHMARKS.md.
@@ -23,7 +23,6 @@ meanings: `kernels.bench_measure`, `kernels.bench_report`, BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -32,9 +31,11 @@ import sys
 
 import jax
 import jaxlib
+from absl import flags
 
 from kernels import bench_measure as measure
 from kernels import bench_report as report
+from kernels import command_line
 
 JSON_NAME = "attention_bench.json"
 PNG_NAME = "attention_bench.png"
@@ -66,81 +67,67 @@ SMOKE = Preset(
 )
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in text.split(",") if x)
-
-
-def _names(choices):
-  def parse(text: str) -> tuple[str, ...]:
-    names = tuple(x for x in text.split(",") if x)
-    unknown = [x for x in names if x not in choices]
-    if unknown:
-      raise argparse.ArgumentTypeError(
-          f"unknown {unknown}; choose from {', '.join(choices)}")
-    return names
-  return parse
-
-
 _CAUSAL = {"both": (False, True), "on": (True,), "off": (False,)}
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m kernels.benchmark",
-      description="Times attention implementations over a sweep of shapes.")
-  p.add_argument("--smoke", action="store_true",
-                 help="tiny sizes (the default on a non-GPU backend)")
-  p.add_argument("--seq-lens", type=_ints, help="comma list, e.g. 512,1024")
-  p.add_argument("--head-dims", type=_ints, help="comma list, e.g. 64,128")
-  p.add_argument("--dtype", type=_names(_DTYPES),
-                 help="comma list; default bfloat16 on GPU, float32 elsewhere")
-  p.add_argument("--passes", type=_names(measure.PASSES),
-                 default=measure.PASSES, help="fwd,fwd+bwd")
-  p.add_argument("--impls", type=_names(measure.IMPLEMENTATIONS),
-                 default=measure.IMPLEMENTATIONS,
-                 help=f"comma list of {', '.join(measure.IMPLEMENTATIONS)}")
-  p.add_argument("--causal", choices=tuple(_CAUSAL), default="both")
-  p.add_argument("--tokens", type=int, help="batch * seq_len (batch >= 1)")
-  p.add_argument("--width", type=int, help="num_heads * head_dim")
-  p.add_argument("--reps", type=int, help="timed calls per cell")
-  p.add_argument("--warmup", type=int, help="untimed calls per cell")
-  p.add_argument("--rotate-mb", type=float,
-                 help="rotate input sets until q, k, v exceed this (L2)")
-  p.add_argument("--ref-budget-mb", type=float,
-                 help="memory for the float32 reference of the error")
-  p.add_argument("--no-errors", action="store_true",
-                 help="skip the error against the float32 reference")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="bench_out", help="directory for JSON/PNG")
-  args = p.parse_args(argv)
-  if args.reps is not None and args.reps < 1:
-    p.error("--reps must be at least 1")
-  return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags; each narrows the sweep, unset ones take the preset."""
+  f = dict(flag_values=flag_values)
+  flags.DEFINE_bool("smoke", False,
+                    "tiny sizes (the default on a non-GPU backend)", **f)
+  flags.DEFINE_list("seq_lens", None, "comma list, e.g. 512,1024", **f)
+  flags.DEFINE_list("head_dims", None, "comma list, e.g. 64,128", **f)
+  flags.DEFINE_list("dtype", None, "comma list of " + ", ".join(_DTYPES)
+                    + "; default bfloat16 on GPU, float32 elsewhere", **f)
+  flags.DEFINE_list("passes", list(measure.PASSES), "fwd,fwd+bwd", **f)
+  flags.DEFINE_list("impls", list(measure.IMPLEMENTATIONS),
+                    "comma list of " + ", ".join(measure.IMPLEMENTATIONS), **f)
+  flags.DEFINE_enum("causal", "both", list(_CAUSAL), "causal masking", **f)
+  flags.DEFINE_integer("tokens", None, "batch * seq_len (batch >= 1)",
+                       lower_bound=1, **f)
+  flags.DEFINE_integer("width", None, "num_heads * head_dim", lower_bound=1, **f)
+  flags.DEFINE_integer("reps", None, "timed calls per cell", lower_bound=1, **f)
+  flags.DEFINE_integer("warmup", None, "untimed calls per cell", lower_bound=0,
+                       **f)
+  flags.DEFINE_float("rotate_mb", None,
+                     "rotate input sets until q, k, v exceed this (L2)", **f)
+  flags.DEFINE_float("ref_budget_mb", None,
+                     "memory for the float32 reference of the error", **f)
+  flags.DEFINE_bool("no_errors", False,
+                    "skip the error against the float32 reference", **f)
+  flags.DEFINE_integer("seed", 0, "input seed", **f)
+  flags.DEFINE_string("out", "bench_out", "directory for JSON/PNG", **f)
 
 
-def resolve(args: argparse.Namespace) -> dict:
-  """The sweep: flags, with the preset of this machine for those left unset."""
+def resolve(f: flags.FlagValues) -> dict:
+  """The sweep: parsed flags, with the preset of this machine for those left unset.
+
+  ValueError names a flag whose value is not one the sweep can take.
+  """
   gpu = measure.on_gpu()
-  preset = SMOKE if args.smoke or not gpu else GPU
+  preset = SMOKE if f.smoke or not gpu else GPU
   pick = lambda flag, default: default if flag is None else flag
+  dtypes = None if f.dtype is None else command_line.names("dtype", f.dtype, _DTYPES)
   return {
       "preset": "smoke" if preset is SMOKE else "gpu",
-      "seq_lens": pick(args.seq_lens, preset.seq_lens),
-      "head_dims": pick(args.head_dims, preset.head_dims),
-      "dtypes": pick(args.dtype, ("bfloat16",) if gpu else ("float32",)),
-      "passes": args.passes,
-      "implementations": args.impls,
-      "causal": _CAUSAL[args.causal],
-      "tokens": pick(args.tokens, preset.tokens),
-      "width": pick(args.width, preset.width),
-      "reps": pick(args.reps, preset.reps),
-      "warmup": pick(args.warmup, preset.warmup),
-      "rotate_mb": pick(args.rotate_mb, preset.rotate_mb),
-      "ref_budget_mb": pick(args.ref_budget_mb, preset.ref_budget_mb),
-      "errors": not args.no_errors,
-      "seed": args.seed,
-      "out": args.out,
+      "seq_lens": pick(command_line.ints("seq_lens", f.seq_lens), preset.seq_lens),
+      "head_dims": pick(command_line.ints("head_dims", f.head_dims),
+                        preset.head_dims),
+      "dtypes": pick(dtypes, ("bfloat16",) if gpu else ("float32",)),
+      "passes": command_line.names("passes", f.passes, measure.PASSES),
+      "implementations": command_line.names("impls", f.impls,
+                                            measure.IMPLEMENTATIONS),
+      "causal": _CAUSAL[f.causal],
+      "tokens": pick(f.tokens, preset.tokens),
+      "width": pick(f.width, preset.width),
+      "reps": pick(f.reps, preset.reps),
+      "warmup": pick(f.warmup, preset.warmup),
+      "rotate_mb": pick(f.rotate_mb, preset.rotate_mb),
+      "ref_budget_mb": pick(f.ref_budget_mb, preset.ref_budget_mb),
+      "errors": not f.no_errors,
+      "seed": f.seed,
+      "out": f.out,
   }
 
 
@@ -214,9 +201,12 @@ def metadata(sweep: dict, argv: list[str]) -> dict:
   }
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  sweep = resolve(parse_args(argv))
+def run(f: flags.FlagValues, argv: list[str]) -> None:
+  """The sweep of parsed flags `f`: table on stdout, JSON and PNG under --out.
+
+  argv: the command's arguments, recorded in the JSON.
+  """
+  sweep = resolve(f)
   meta = metadata(sweep, argv)
   cells = run_sweep(sweep)
   report.add_ratios(cells)
@@ -227,8 +217,18 @@ def main(argv: list[str] | None = None) -> int:
   report.write_json(json_path, meta, cells)
   report.plot(png_path, cells, meta)
   print(f"\nwrote {json_path} and {png_path}")
-  return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m kernels.benchmark` and the console script fusedlm-attention-bench.
+
+  argv: the arguments after the program name (default: sys.argv's). Exits
+  through absl's app.run: 0, or 2 with one line for a bad setting.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  define_flags()
+  command_line.run(lambda: run(flags.FLAGS, argv), "kernels.benchmark", argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -3,8 +3,8 @@
 Launch (no GPU needed; needs the `inspect` extra, see BUILD.md):
 
   python -m kernels.inspect                         # default settings, sm_90a (H100)
-  python -m kernels.inspect --head-dims 128 --segments on --gqa 4 \
-      --blocks block_q_dkv=64,num_warps_bwd=8 --arch sm_80
+  python -m kernels.inspect --head_dims=128 --segments=on --gqa=4 \
+      --blocks=block_q_dkv=64,num_warps_bwd=8 --arch=sm_80
 
 For every setting (head dim, dtype, causal, segment ids, query heads per
 key/value head, block sizes) it lowers forward + backward of
@@ -25,20 +25,20 @@ pass pipeline: shared memory and the instruction mix agree with this report
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.metadata
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+from absl import flags
 
+from kernels import command_line
 from kernels import pallas_attention
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
@@ -282,19 +282,16 @@ def format_row(setting: Setting, report: Report) -> str:
           f" {report.cp_async:>8} {report.tma:>4}")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in text.split(",") if x)
-
-
-def _blocks(text: str) -> dict[str, int]:
+def blocks_from(items) -> dict[str, int]:
+  """--blocks items "field=value" as BlockSizes overrides; ValueError names a bad one."""
   fields = {f.name for f in dataclasses.fields(pallas_attention.BlockSizes)}
   out = {}
-  for item in filter(None, text.split(",")):
+  for item in items or ():
     key, _, value = item.partition("=")
-    if key not in fields or not value:
-      raise argparse.ArgumentTypeError(
-          f"{item!r}: give field=value with a field of BlockSizes"
-          f" ({', '.join(sorted(fields))})")
+    if key not in fields or not value.strip().isdigit():
+      raise ValueError(
+          f"--blocks {item!r}: give field=value with an integer value and a"
+          f" field of BlockSizes ({', '.join(sorted(fields))}).")
     out[key] = int(value)
   return out
 
@@ -302,64 +299,65 @@ def _blocks(text: str) -> dict[str, int]:
 _SWITCH = {"both": (False, True), "on": (True,), "off": (False,)}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m kernels.inspect",
-      description="Compiles the attention kernels for a GPU target (no GPU"
-                  " needed) and prints registers, spills, shared memory and"
-                  " the instruction mix per kernel and setting.")
-  p.add_argument("--head-dims", type=_ints, default=(64, 128))
-  p.add_argument("--dtype", default="bfloat16",
-                 choices=("bfloat16", "float16", "float32"))
-  p.add_argument("--causal", choices=tuple(_SWITCH), default="both")
-  p.add_argument("--segments", choices=tuple(_SWITCH), default="both",
-                 help="packed sequences (segment ids)")
-  p.add_argument("--gqa", type=_ints, default=(1,),
-                 help="query heads per key/value head, comma list (e.g. 1,4)")
-  p.add_argument("--seq-len", type=int, default=4096)
-  p.add_argument("--width", type=int, default=2048, help="num_heads * head_dim")
-  p.add_argument("--blocks", type=_blocks, default={},
-                 help="BlockSizes fields over the default table, e.g."
-                      " block_q_dkv=64,num_warps_bwd=8")
-  p.add_argument("--arch", default="sm_90a", help="sm_90a (H100), sm_80 (A100), ...")
-  return p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  f = dict(flag_values=flag_values)
+  flags.DEFINE_list("head_dims", ["64", "128"], "comma list of head dims", **f)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"],
+                    "input dtype", **f)
+  flags.DEFINE_enum("causal", "both", list(_SWITCH), "causal masking", **f)
+  flags.DEFINE_enum("segments", "both", list(_SWITCH),
+                    "packed sequences (segment ids)", **f)
+  flags.DEFINE_list("gqa", ["1"], "query heads per key/value head, comma list"
+                    " (e.g. 1,4)", **f)
+  flags.DEFINE_integer("seq_len", 4096, "sequence length", lower_bound=1, **f)
+  flags.DEFINE_integer("width", 2048, "num_heads * head_dim", lower_bound=1, **f)
+  flags.DEFINE_list("blocks", [], "BlockSizes fields over the default table,"
+                    " e.g. block_q_dkv=64,num_warps_bwd=8", **f)
+  flags.DEFINE_string("arch", "sm_90a", "sm_90a (H100), sm_80 (A100), ...", **f)
 
 
-def settings_from(args: argparse.Namespace) -> list[Setting]:
+def settings_from(f: flags.FlagValues) -> list[Setting]:
+  """Every setting that the parsed flags `f` name."""
+  overrides = blocks_from(f.blocks)
   out = []
-  for head_dim in args.head_dims:
+  for head_dim in command_line.ints("head_dims", f.head_dims):
     blocks = None
-    if args.blocks:
+    if overrides:
       blocks = dataclasses.replace(
-          pallas_attention.BlockSizes.get_default(head_dim, args.dtype),
-          **args.blocks)
-    for causal in _SWITCH[args.causal]:
-      for segments in _SWITCH[args.segments]:
-        for group in args.gqa:
-          out.append(Setting(head_dim=head_dim, dtype=args.dtype, causal=causal,
+          pallas_attention.BlockSizes.get_default(head_dim, f.dtype), **overrides)
+    for causal in _SWITCH[f.causal]:
+      for segments in _SWITCH[f.segments]:
+        for group in command_line.ints("gqa", f.gqa):
+          out.append(Setting(head_dim=head_dim, dtype=f.dtype, causal=causal,
                              segments=segments, group=group,
-                             seq_len=args.seq_len, width=args.width,
-                             blocks=blocks))
+                             seq_len=f.seq_len, width=f.width, blocks=blocks))
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else list(argv))
-  try:
-    version = check_compiler()
-    limit = SMEM_LIMIT.get(_capability(args.arch))
-    print(f"# {args.arch}; jax {jax.__version__}, jaxlib {jaxlib.__version__},"
-          f" triton {version}; N={args.seq_len}, width {args.width}"
-          + (f"; shared memory limit {limit // 1024} KiB" if limit else ""))
-    print(HEADER)
-    for setting in settings_from(args):
-      for report in inspect(setting, args.arch):
-        print(format_row(setting, report), flush=True)
-  except InspectError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+def run(f: flags.FlagValues) -> None:
+  """Prints the report of every setting of the parsed flags `f`.
+
+  InspectError or ValueError when the kernels cannot be compiled here or a
+  flag is bad.
+  """
+  settings = settings_from(f)
+  version = check_compiler()
+  limit = SMEM_LIMIT.get(_capability(f.arch))
+  print(f"# {f.arch}; jax {jax.__version__}, jaxlib {jaxlib.__version__},"
+        f" triton {version}; N={f.seq_len}, width {f.width}"
+        + (f"; shared memory limit {limit // 1024} KiB" if limit else ""))
+  print(HEADER)
+  for setting in settings:
+    for report in inspect(setting, f.arch):
+      print(format_row(setting, report), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m kernels.inspect`; exits 2 with one line when it cannot compile here."""
+  define_flags()
+  command_line.run(lambda: run(flags.FLAGS), "kernels.inspect", argv,
+                   errors=(InspectError,))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

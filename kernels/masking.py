@@ -169,5 +169,39 @@ def dense_mask(shape: AttentionShape, causal: bool, segments) -> jax.Array:
   return mask
 
 
+def segment_block_ranges(q_segments, kv_segments, block_q: int, block_k: int):
+  """For each query block, the key blocks its segments can meet, and vice versa.
+
+  q_segments [batch, q_pad], kv_segments [batch, kv_pad] (padded lengths,
+  multiples of the blocks). Returns (kv_range [batch, q_pad // block_q, 2],
+  q_range [batch, kv_pad // block_k, 2]) int32: [first, last + 1) of the
+  blocks on the other side whose segment-id ranges [min, max] overlap this
+  block's, [0, 0) when none does. A block outside that range shares no
+  segment id with this one, so the kernels skip it through their loop bounds
+  and load every block inside unconditionally (masking with `where`): a load
+  under a branch is one Triton's software pipeliner leaves synchronous. For
+  sorted ids (packed documents) the range is exactly the overlapping blocks;
+  for unsorted ids it may hold some that are then fully masked.
+  """
+  b = q_segments.shape[0]
+  q_blocks = q_segments.reshape(b, -1, block_q)
+  kv_blocks = kv_segments.reshape(b, -1, block_k)
+  q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)
+  kv_min, kv_max = kv_blocks.min(-1), kv_blocks.max(-1)
+  # meet[b, i, j]: query block i and key block j may share an id.
+  meet = ((q_min[:, :, None] <= kv_max[:, None, :])
+          & (kv_min[:, None, :] <= q_max[:, :, None]))
+
+  def first_and_end(meet):  # over the last axis
+    n = meet.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(meet, index, n), axis=-1)
+    end = jnp.max(jnp.where(meet, index + 1, 0), axis=-1)
+    first = jnp.minimum(first, end)  # [0, 0) -> empty when nothing meets
+    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
+
+  return first_and_end(meet), first_and_end(jnp.swapaxes(meet, 1, 2))
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
   return 1.0 / float(np.sqrt(head_dim)) if scale is None else float(scale)

@@ -23,7 +23,7 @@ group's query heads in its loop. Blocks are skipped only through loop
 bounds, never by a branch, so every load in a loop is unconditional and
 Triton's software pipeliner can make it asynchronous (cp.async): the causal
 diagonal bounds each loop, and so do per-block ranges of the blocks whose
-segment ids can meet (`segment_block_ranges`); within them hidden pairs are
+segment ids can meet (`masking.segment_block_ranges`); within them hidden pairs are
 masked with `where`. The dK/dV kernel works on transposed tiles (S^T) so
 that each of its products has block_k_dkv rows, enough for Hopper's wgmma.
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,134 +44,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import masking
+from kernels import masking, triton_notice
+from kernels.block_sizes import BlockSizes, check_fits, clamp, padded_head_dim
 
 LOG2E = math.log2(math.e)
-_MIN_BLOCK = 16  # Smallest tile the tensor-core dot takes.
-_SMEM_BYTES = 227 * 1024  # Largest shared-memory carve-out per block (H100).
-
-# JAX >= 0.11 deprecates Pallas' Triton backend, through which this kernel is
-# compiled, and says so with a DeprecationWarning on every lowering of every
-# kernel (three per compiled fwd+bwd). We replace it with one notice of ours
-# per process (`_notice_triton_deprecation`), which says what it means here.
-_JAX_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
-warnings.filterwarnings("ignore", message=_JAX_TRITON_DEPRECATION,
-                        category=DeprecationWarning)
-
-
-class TritonBackendNotice(FutureWarning):
-  """JAX deprecates the Pallas backend this kernel is compiled through."""
-
-
-_noticed = False
-
-
-def _notice_triton_deprecation() -> None:
-  """Warns once per process, on JAX >= 0.11, when the kernel is compiled for a GPU."""
-  global _noticed
-  if _noticed or jax.__version_info__ < (0, 11):
-    return
-  _noticed = True
-  warnings.warn(
-      f"JAX {jax.__version__} deprecates Pallas' Triton backend, through which"
-      " fusedlm's attention kernel (implementation='pallas') is compiled on"
-      " NVIDIA GPUs. It still works, with the same results, on this JAX:"
-      " nothing to change now. If a later JAX removes the backend, pick"
-      " implementation='cudnn' (the fastest on Hopper; bfloat16/float16, no"
-      " segment ids) or implementation='xla' (every mask, but it"
-      " materialises the scores). Shown once per process; silence it with"
-      " warnings.filterwarnings('ignore',"
-      " category=kernels.TritonBackendNotice).",
-      TritonBackendNotice, stacklevel=2,
-  )
-
-
-def _is_power_of_two(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes and Triton launch settings of the three kernels.
-
-  block_q / block_k: query rows and key columns per tile of the forward;
-  *_dkv: tiles of the dK/dV kernel (block_k_dkv key rows own a program);
-  *_dq: tiles of the dQ kernel (block_q_dq query rows own a program).
-  num_warps_bwd / num_stages_bwd launch the dK/dV kernel, and the dQ kernel
-  too unless num_warps_dq / num_stages_dq are given.
-  Blocks are clamped to the (power-of-two-rounded) sequence length, so the
-  same BlockSizes serves short and long sequences. On a Hopper GPU a tile
-  side of 64 or more rows lets Triton use wgmma (see `get_default`).
-  """
-
-  block_q: int = 128
-  block_k: int = 64
-  block_q_dkv: int = 32
-  block_k_dkv: int = 128
-  block_q_dq: int = 128
-  block_k_dq: int = 32
-  num_warps_fwd: int = 4
-  num_stages_fwd: int = 3
-  num_warps_bwd: int = 4
-  num_stages_bwd: int = 2
-  num_warps_dq: int | None = None
-  num_stages_dq: int | None = None
-
-  def __post_init__(self):
-    for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv",
-                  "block_q_dq", "block_k_dq"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or not _is_power_of_two(value):
-        raise ValueError(f"BlockSizes.{field} must be a power of two, got {value}.")
-      if value < _MIN_BLOCK:
-        raise ValueError(
-            f"BlockSizes.{field} must be at least {_MIN_BLOCK} (the smallest"
-            f" matrix-unit tile), got {value}."
-        )
-    for field in ("num_warps_fwd", "num_warps_bwd", "num_warps_dq"):
-      value = getattr(self, field)
-      if value is None and field == "num_warps_dq":
-        continue
-      if value not in (1, 2, 4, 8, 16):
-        raise ValueError(f"BlockSizes.{field} must be 1, 2, 4, 8 or 16, got {value}.")
-    for field in ("num_stages_fwd", "num_stages_bwd", "num_stages_dq"):
-      value = getattr(self, field)
-      if value is None and field == "num_stages_dq":
-        continue
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"BlockSizes.{field} must be an int >= 1, got {value}.")
-
-  @classmethod
-  def get_default(cls, head_dim: int, dtype=None) -> "BlockSizes":
-    """The settings table, by padded head dimension.
-
-    Chosen without a GPU from what the compiler makes of each kernel for
-    sm_90a (`python -m kernels.inspect`; BENCHMARKS.md, tuning notes): every
-    kernel below compiles without register spills, its K/V loads pipelined
-    (cp.async), and its products on wgmma (every tile side that is a
-    product's M is >= 64). The dK/dV kernel holds two float32 [block_k_dkv,
-    d] accumulators, so it gets 8 warps at every head dim. Timings on a GPU
-    are still to come. dtype (default bfloat16) matters only at head dims
-    over 128, where float32 tiles fit one pipeline stage, not two.
-    """
-    padded = _padded_head_dim(head_dim)
-    wide = dtype is not None and jnp.dtype(dtype).itemsize > 2
-    if padded <= 64:
-      return cls(block_q=128, block_k=64, num_warps_fwd=4, num_stages_fwd=3,
-                 block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8,
-                 num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
-                 num_warps_dq=4, num_stages_dq=2)
-    if padded <= 128:
-      return cls(block_q=128, block_k=64, num_warps_fwd=8, num_stages_fwd=2,
-                 block_q_dkv=32, block_k_dkv=128, num_warps_bwd=8,
-                 num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
-                 num_warps_dq=8, num_stages_dq=2)
-    stages = 1 if wide else 2
-    return cls(block_q=64, block_k=32, num_warps_fwd=8, num_stages_fwd=stages,
-               block_q_dkv=32, block_k_dkv=64, num_warps_bwd=8,
-               num_stages_bwd=stages, block_q_dq=64, block_k_dq=32,
-               num_warps_dq=8, num_stages_dq=stages)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
@@ -194,14 +69,6 @@ class _Static:
   @property
   def scale_log2(self) -> float:
     return self.scale * LOG2E
-
-
-def _padded_head_dim(head_dim: int) -> int:
-  return max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
-
-
-def _clamp(block: int, length: int) -> int:
-  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
@@ -269,40 +136,6 @@ def _kv_blocks_upper(q_start, block_q: int, block_k: int, st: _Static):
   visible_end = q_start + block_q + st.offset
   upper = lax.div(jnp.maximum(visible_end, 0) + block_k - 1, block_k)
   return jnp.minimum(upper, last)
-
-
-def segment_block_ranges(q_segments, kv_segments, block_q: int, block_k: int):
-  """For each query block, the key blocks its segments can meet, and vice versa.
-
-  q_segments [batch, q_pad], kv_segments [batch, kv_pad] (padded lengths,
-  multiples of the blocks). Returns (kv_range [batch, q_pad // block_q, 2],
-  q_range [batch, kv_pad // block_k, 2]) int32: [first, last + 1) of the
-  blocks on the other side whose segment-id ranges [min, max] overlap this
-  block's, [0, 0) when none does. A block outside that range shares no
-  segment id with this one, so the kernels skip it through their loop bounds
-  and load every block inside unconditionally (masking with `where`): a load
-  under a branch is one Triton's software pipeliner leaves synchronous. For
-  sorted ids (packed documents) the range is exactly the overlapping blocks;
-  for unsorted ids it may hold some that are then fully masked.
-  """
-  b = q_segments.shape[0]
-  q_blocks = q_segments.reshape(b, -1, block_q)
-  kv_blocks = kv_segments.reshape(b, -1, block_k)
-  q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)
-  kv_min, kv_max = kv_blocks.min(-1), kv_blocks.max(-1)
-  # meet[b, i, j]: query block i and key block j may share an id.
-  meet = ((q_min[:, :, None] <= kv_max[:, None, :])
-          & (kv_min[:, None, :] <= q_max[:, :, None]))
-
-  def first_and_end(meet):  # over the last axis
-    n = meet.shape[-1]
-    index = jnp.arange(n, dtype=jnp.int32)
-    first = jnp.min(jnp.where(meet, index, n), axis=-1)
-    end = jnp.max(jnp.where(meet, index + 1, 0), axis=-1)
-    first = jnp.minimum(first, end)  # [0, 0) -> empty when nothing meets
-    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
-
-  return first_and_end(meet), first_and_end(jnp.swapaxes(meet, 1, 2))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, block_q, block_k):
@@ -461,7 +294,7 @@ def _segment_specs(segments, block_q: int, block_k: int, by_kv: bool):
   """
   q_segments, kv_segments = segments
   q_pad, kv_pad = q_segments.shape[1], kv_segments.shape[1]
-  kv_range, q_range = segment_block_ranges(q_segments, kv_segments,
+  kv_range, q_range = masking.segment_block_ranges(q_segments, kv_segments,
                                            block_q, block_k)
   if by_kv:
     specs = [
@@ -482,8 +315,8 @@ def _forward(q, k, v, segments, st: _Static):
   """Pallas forward on padded inputs: (out [b, q_pad, h, d], lse [b, h, q_pad])."""
   b, q_pad, h, d = q.shape
   kv_pad = k.shape[1]
-  block_q = _clamp(st.blocks.block_q, st.q_len)
-  block_k = _clamp(st.blocks.block_k, st.kv_len)
+  block_q = clamp(st.blocks.block_q, st.q_len)
+  block_k = clamp(st.blocks.block_k, st.kv_len)
   group = st.group
   in_specs = [
       pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0)),
@@ -524,8 +357,8 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
   delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32),
                      out.astype(jnp.float32))
 
-  block_q = _clamp(st.blocks.block_q_dkv, st.q_len)
-  block_k = _clamp(st.blocks.block_k_dkv, st.kv_len)
+  block_q = clamp(st.blocks.block_q_dkv, st.q_len)
+  block_k = clamp(st.blocks.block_k_dkv, st.kv_len)
   q_group = pl.BlockSpec((None, q_pad, group, d), lambda j, b, g: (b, 0, g, 0))
   row_group = pl.BlockSpec((None, group, q_pad), lambda j, b, g: (b, g, 0))
   kv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, g: (b, j, g, 0))
@@ -549,8 +382,8 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
       name="fusedlm_flash_bwd_dkv",
   )(*args)
 
-  block_q = _clamp(st.blocks.block_q_dq, st.q_len)
-  block_k = _clamp(st.blocks.block_k_dq, st.kv_len)
+  block_q = clamp(st.blocks.block_q_dq, st.q_len)
+  block_k = clamp(st.blocks.block_k_dq, st.kv_len)
   q_block = pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0))
   kv_full = pl.BlockSpec((None, kv_pad, None, d),
                          lambda i, b, h: (b, 0, h // group, 0))
@@ -596,30 +429,6 @@ def _flash_bwd(st: _Static, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _check_fits(blocks: BlockSizes, head_dim: int, itemsize: int):
-  """Rejects tiles whose pipelined buffers overflow a block's shared memory."""
-  row = head_dim * itemsize
-  needs = {
-      "forward (block_q, block_k)":
-          blocks.block_q * row + blocks.num_stages_fwd * 2 * blocks.block_k * row,
-      "dK/dV (block_q_dkv, block_k_dkv)":
-          2 * blocks.block_k_dkv * row
-          + blocks.num_stages_bwd * 2 * blocks.block_q_dkv * row,
-      "dQ (block_q_dq, block_k_dq)":
-          2 * blocks.block_q_dq * row
-          + (blocks.num_stages_dq or blocks.num_stages_bwd)
-          * 2 * blocks.block_k_dq * row,
-  }
-  for kernel, nbytes in needs.items():
-    if nbytes > _SMEM_BYTES:
-      raise ValueError(
-          f"block sizes do not fit: the {kernel} tiles need {nbytes} bytes of"
-          f" shared memory at head_dim {head_dim} (padded), over the"
-          f" {_SMEM_BYTES} a GPU block can hold; use smaller blocks or fewer"
-          " stages."
-      )
-
-
 def _pad_axis(x, axis: int, size: int, value=0):
   if x.shape[axis] == size:
     return x
@@ -658,7 +467,7 @@ def flash_attention(
         " implementation='xla'."
     )
   if not interpret:
-    _notice_triton_deprecation()
+    triton_notice.notice_once()
   return attention_any_backend(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
@@ -683,8 +492,8 @@ def attention_any_backend(q, k, v, *, causal=False, scale=None,
     block_sizes = BlockSizes.get_default(shape.head_dim, q.dtype)
   elif not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}.")
-  head_pad = _padded_head_dim(shape.head_dim)
-  _check_fits(block_sizes, head_pad, q.dtype.itemsize)
+  head_pad = padded_head_dim(shape.head_dim)
+  check_fits(block_sizes, head_pad, q.dtype.itemsize)
   st = _Static(
       scale=masking.default_scale(shape.head_dim, scale),
       causal=bool(causal),
@@ -699,10 +508,10 @@ def attention_any_backend(q, k, v, *, causal=False, scale=None,
   # Blocks are powers of two, so the largest of each side is a multiple of
   # the others: one padded length serves all three kernels.
   q_block = max(
-      _clamp(b, shape.q_len) for b in (bs.block_q, bs.block_q_dkv, bs.block_q_dq))
+      clamp(b, shape.q_len) for b in (bs.block_q, bs.block_q_dkv, bs.block_q_dq))
   q_pad = pl.cdiv(shape.q_len, q_block) * q_block
   kv_block = max(
-      _clamp(b, shape.kv_len) for b in (bs.block_k, bs.block_k_dkv, bs.block_k_dq))
+      clamp(b, shape.kv_len) for b in (bs.block_k, bs.block_k_dkv, bs.block_k_dq))
   kv_pad = pl.cdiv(shape.kv_len, kv_block) * kv_block
 
   qp = _pad_axis(_pad_axis(q, 3, head_pad), 1, q_pad)

@@ -8,11 +8,14 @@ import contextlib
 import io
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
 from kernels import bench_measure, bench_report, benchmark, reference_attention
 
@@ -30,15 +33,21 @@ def results(tmp_path_factory):
   Returns (the JSON, the stdout table, the output directory).
   """
   out = tmp_path_factory.mktemp("bench")
-  argv = ["--smoke", "--seq-lens", "128", "--head-dims", "64",
-          "--dtype", "float32", "--impls", "pallas,xla,cudnn",
-          "--passes", "fwd,fwd+bwd", "--causal", "both", "--reps", "2",
-          "--out", str(out)]
+  argv = ["--smoke", "--seq_lens=128", "--head_dims=64", "--dtype=float32",
+          "--impls=pallas,xla,cudnn", "--passes=fwd,fwd+bwd", "--causal=both",
+          "--reps=2", f"--out={out}"]
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
-    assert benchmark.main(argv) == 0
+    benchmark.run(_parse(argv), argv)
   with open(out / benchmark.JSON_NAME) as f:
     return json.load(f), stdout.getvalue(), out
+
+
+def _parse(argv):
+  flag_values = flags.FlagValues()
+  benchmark.define_flags(flag_values)
+  flag_values(["kernels.benchmark", *argv])
+  return flag_values
 
 
 def _cells(data, implementation):
@@ -143,3 +152,21 @@ def test_reference_tail_equals_the_full_problem_rows(causal):
   np.testing.assert_allclose(out_tail, out[:, -16:], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(dq_tail, dq[:, -16:], rtol=1e-5, atol=1e-6)
   assert out_tail.dtype == jnp.float32
+
+
+def test_unknown_implementation_is_named():
+  with pytest.raises(ValueError, match=r"--impls: unknown fast; choose from pallas"):
+    benchmark.resolve(_parse(["--impls=pallas,fast"]))
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+  # The console script fusedlm-attention-bench is kernels.benchmark:main.
+  code = "import sys; from kernels import benchmark; benchmark.main(sys.argv[1:])"
+  done = subprocess.run(
+      [sys.executable, "-c", code, "--seq_lens=128,x", f"--out={tmp_path}"],
+      capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().splitlines() == [
+      "kernels.benchmark: error: --seq_lens takes a comma list of integers,"
+      " got '128,x'."]
+  assert not list(tmp_path.iterdir())

@@ -1,18 +1,26 @@
 """kernels.inspect's settings and its messages when it cannot compile (no compiling here)."""
 
-import argparse
+import subprocess
+import sys
 
 import jaxlib
 import pytest
+from absl import flags
 
 from kernels import inspect as kinspect
 
 
+def _parse(argv):
+  flag_values = flags.FlagValues()
+  kinspect.define_flags(flag_values)
+  flag_values(["kernels.inspect", *argv])
+  return flag_values
+
+
 def test_settings_follow_the_flags():
-  args = kinspect.parse_args(["--head-dims", "64,128", "--causal", "on",
-                              "--segments", "both", "--gqa", "1,4",
-                              "--blocks", "block_q_dkv=64,num_warps_bwd=8"])
-  settings = kinspect.settings_from(args)
+  parsed = _parse(["--head_dims=64,128", "--causal=on", "--segments=both",
+                   "--gqa=1,4", "--blocks=block_q_dkv=64,num_warps_bwd=8"])
+  settings = kinspect.settings_from(parsed)
   assert len(settings) == 2 * 1 * 2 * 2
   assert all(s.causal and s.blocks.block_q_dkv == 64 and s.blocks.num_warps_bwd == 8
              for s in settings)
@@ -21,8 +29,10 @@ def test_settings_follow_the_flags():
 
 
 def test_unknown_block_field_is_refused():
-  with pytest.raises(argparse.ArgumentTypeError, match="field of BlockSizes"):
-    kinspect._blocks("block_x=64")
+  with pytest.raises(ValueError, match="field of BlockSizes"):
+    kinspect.blocks_from(["block_x=64"])
+  with pytest.raises(ValueError, match="integer value"):
+    kinspect.blocks_from(["block_q=big"])
 
 
 def test_missing_triton_says_what_to_install(monkeypatch):
@@ -48,7 +58,17 @@ def test_other_jaxlib_names_the_known_pairs(monkeypatch):
     kinspect.check_compiler()
 
 
-def test_main_prints_the_error_and_exits_2(monkeypatch, capsys):
+def test_run_says_what_is_missing(monkeypatch):
   monkeypatch.setattr(kinspect, "_triton_version", lambda: None)
-  assert kinspect.main(["--head-dims", "64"]) == 2
-  assert "error: triton is not installed" in capsys.readouterr().err
+  with pytest.raises(kinspect.InspectError, match="triton is not installed"):
+    kinspect.run(_parse(["--head_dims=64"]))
+
+
+def test_command_line_error_is_one_line_and_exit_2():
+  # A bad flag value is refused before anything is compiled.
+  done = subprocess.run(
+      [sys.executable, "-m", "kernels.inspect", "--gqa=1,four"],
+      capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().splitlines() == [
+      "kernels.inspect: error: --gqa takes a comma list of integers, got '1,four'."]

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from kernels import BlockSizes, flash_attention, masking, reference_attention
-from kernels.pallas_attention import segment_block_ranges
 from tests.kernels.attention_cases import (
     TOLERANCE, Case, assert_close, make_inputs, output_and_grads,
     reference_output_and_grads,
@@ -185,7 +184,7 @@ def test_segment_block_ranges_cover_every_block_that_shares_an_id():
                               np.full((2, 16), pad)], axis=1)
   for q_ids, kv_ids, exact in ((unsorted_q, unsorted_kv, False),
                                (sorted_q, sorted_kv, True)):
-    kv_range, q_range = map(np.asarray, segment_block_ranges(
+    kv_range, q_range = map(np.asarray, masking.segment_block_ranges(
         jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32), 16, 8))
     for b in range(2):
       for i in range(64 // 16):

@@ -1,7 +1,7 @@
 """JAX >= 0.11's deprecation of Pallas' Triton backend: one notice of ours, never an error.
 
 JAX warns (DeprecationWarning) on every lowering of every Pallas-Triton
-kernel; `kernels.pallas_attention` hides that message and warns once per
+kernel; `kernels.triton_notice` hides that message and warns once per
 process with `kernels.TritonBackendNotice`, saying what it means for a user.
 """
 
@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from kernels import TritonBackendNotice
-from kernels import pallas_attention
+from kernels import triton_notice
 
 JAX_MESSAGE = (
     "The Pallas Triton backend is deprecated and will be removed in a future JAX"
@@ -23,12 +23,12 @@ JAX_MESSAGE = (
 
 
 def test_notice_is_shown_once_on_jax_0_11(monkeypatch):
-  monkeypatch.setattr(pallas_attention, "_noticed", False)
+  monkeypatch.setattr(triton_notice, "_noticed", False)
   monkeypatch.setattr(jax, "__version_info__", (0, 11, 2))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for _ in range(3):
-      pallas_attention._notice_triton_deprecation()
+      triton_notice.notice_once()
   notices = [w for w in caught if issubclass(w.category, TritonBackendNotice)]
   assert len(notices) == 1, [str(w.message) for w in caught]
   text = str(notices[0].message)
@@ -39,11 +39,11 @@ def test_notice_is_shown_once_on_jax_0_11(monkeypatch):
 
 
 def test_no_notice_before_jax_0_11(monkeypatch):
-  monkeypatch.setattr(pallas_attention, "_noticed", False)
+  monkeypatch.setattr(triton_notice, "_noticed", False)
   monkeypatch.setattr(jax, "__version_info__", (0, 10, 2))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    pallas_attention._notice_triton_deprecation()
+    triton_notice.notice_once()
   assert not caught
 
 
