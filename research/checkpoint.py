@@ -28,10 +28,14 @@ one restored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from research import models, run_config
+from research import checksums, models, run_config
 from research.data import Tokenizer, load_tokenizer
 from research.models.config import ModelConfig
 
@@ -53,36 +57,140 @@ RESOLVED_MODEL = "resolved_model"
 RESOLVED_LABELS = "resolved_label_names"
 
 
+class NonFiniteStateError(FloatingPointError):
+  """A state with NaN or Inf values was about to be saved; it never is."""
+
+
 class Checkpointer:
-  """Saves every `every` steps (async if asked), keeps the last `keep`."""
+  """Training's checkpoints: a save every `every` steps (async if asked), the
+  newest `keep` kept, every kept step checksummed, and a restore that falls back
+  past damaged steps.
+
+  Keep-N is ours, not Orbax's: an old step is renamed out of the listing
+  (`<step>.deleting`) before its files are removed, so a kill during clean-up
+  never leaves a half-deleted step that looks complete, and the next save
+  catches up with whatever a killed run left. Leftovers of killed saves and
+  deletions are removed when the trainer opens the folder.
+  """
 
   def __init__(self, workdir, every: int, keep: int, use_async: bool = True):
     self.workdir = Path(workdir).absolute()
+    self.directory = self.workdir / CHECKPOINT_DIR
+    self.keep = keep
+    self.directory.mkdir(parents=True, exist_ok=True)
+    for leftover in self.directory.glob(f"*{_DELETING}"):
+      shutil.rmtree(leftover, ignore_errors=True)
     self.manager = ocp.CheckpointManager(
-        self.workdir / CHECKPOINT_DIR,
+        self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every,
-            enable_async_checkpointing=use_async, create=True))
+            max_to_keep=None, save_interval_steps=every,
+            enable_async_checkpointing=use_async, create=True,
+            cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, host_state, force: bool = False) -> bool:
-    """Saves host_state (numpy leaves) at `step` when due (or forced)."""
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, host_state, force: bool = False, extra: dict | None = None) -> bool:
+    """Saves host_state (numpy leaves) at `step` when due (or forced).
+
+    extra: a small JSON record saved beside the state (the trainer's partial
+    log window). NonFiniteStateError if any value of the state is NaN or Inf.
+    """
+    bad = _non_finite_leaves(host_state)
+    if bad:
+      raise NonFiniteStateError(
+          f"the state at step {step} holds non-finite values ({', '.join(bad[:5])});"
+          f" it was not saved. The newest checkpoint is step {self.newest_intact_label()}"
+          f" in {self.directory}.")
+    self.finish()  # the previous async save: checksums, then keep-N
     return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(host_state)),
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(host_state),
+                                      extra=ocp.args.JsonSave(extra or {})),
         force=force)
 
+  def newest_intact_label(self) -> str:
+    steps = self.all_steps()
+    return str(steps[-1]) if steps else "none"
+
   def restore(self, step: int, abstract_state):
-    """The whole state saved at `step`, on the host; ValueError if its tree differs."""
+    """The whole state saved at `step`, on the host; ValueError if it is damaged
+    or its tree differs."""
     return restore_tree(self.manager, step, abstract_state)
 
-  def wait(self):
+  def restore_latest(self, abstract_state, progress: bool = True):
+    """(step, state, extra) of the newest intact checkpoint, or None if there is none.
+
+    A damaged step (checksums differ, unreadable, or non-finite values) is
+    renamed `<step>.damaged-<time>` (kept for inspection, out of the listing)
+    and the next newest is tried, saying so on stderr. A checkpoint that does
+    not fit the config is not damaged: that ValueError propagates.
+    """
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        state = restore_tree(self.manager, step, abstract_state)
+        bad = _non_finite_leaves(state)
+        if bad:
+          raise checksums.DamagedCheckpointError(
+              f"checkpoint {self.directory / str(step)} holds non-finite values"
+              f" ({', '.join(bad[:3])})")
+      except checksums.DamagedCheckpointError as e:
+        damaged.append(step)
+        aside = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(self.directory / str(step), aside)
+        self.manager.reload()
+        if progress:
+          print(f"{e}; moved it to {aside.name} and falling back to the next newest"
+                " checkpoint", file=sys.stderr)
+        continue
+      return step, state, self._extra(step)
+    if damaged:
+      raise ValueError(f"every checkpoint in {self.directory} is damaged (steps"
+                       f" {sorted(damaged)}, moved aside); refusing to start over silently."
+                       " Move them away to train from scratch.")
+    return None
+
+  def _extra(self, step: int) -> dict:
+    if not (self.directory / str(step) / "extra").is_dir():
+      return {}  # written before the trainer saved one
+    return dict(self.manager.restore(
+        step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"])
+
+  def finish(self):
+    """Waits for a save in flight, checksums finished steps, prunes to `keep`."""
     self.manager.wait_until_finished()
+    steps = self.all_steps()
+    for step in steps:
+      if not checksums.has_manifest(self.directory / str(step)):
+        checksums.write_manifest(self.directory / str(step))
+    for step in steps[:-self.keep]:
+      aside = self.directory / f"{step}{_DELETING}"
+      os.replace(self.directory / str(step), aside)  # out of the listing first
+      shutil.rmtree(aside)
+    if len(steps) > self.keep:
+      self.manager.reload()
+
+  wait = finish
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.finish()
     self.manager.close()
+
+
+_DELETING = ".deleting"
+
+
+def _non_finite_leaves(tree) -> list[str]:
+  """Paths of floating-point leaves holding NaN or Inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
 
 
 def restore_tree(manager: ocp.CheckpointManager, step: int, target, *,
@@ -91,10 +199,12 @@ def restore_tree(manager: ocp.CheckpointManager, step: int, target, *,
 
   target: a pytree of arrays or ShapeDtypeStructs (the TrainState, or a
   sub-tree such as {"params": ...} with partial=True, which reads only those
-  leaves). ValueError, naming the checkpoint, when it is incomplete or its
-  tree or shapes differ from target's.
+  leaves). The step's checksums are verified first (DamagedCheckpointError,
+  a ValueError, if its bytes changed); ValueError, naming the checkpoint, when
+  it is incomplete or its tree or shapes differ from target's.
   """
   path = Path(manager.directory) / str(step)
+  checksums.verify(path)
   restore_args = jax.tree_util.tree_map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   try:
@@ -132,28 +242,70 @@ def write_run_files(workdir, config, tokenizer, model_cfg_dict: dict,
   record = {**config.to_dict(), RESOLVED_MODEL: model_cfg_dict}
   if label_names is not None:
     record[RESOLVED_LABELS] = list(label_names)
-  (workdir / CONFIG_FILE).write_text(run_config.to_json(record))
+  path = workdir / CONFIG_FILE
+  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  partial.write_text(run_config.to_json(record))
+  os.replace(partial, path)  # a reader never sees half a config
   tokenizer.save(workdir / TOKENIZER_DIR)
 
 
-def check_compatible(workdir, model_cfg_dict: dict) -> None:
-  """Refuses to resume when the saved model config differs from the current one.
+# Fields that change which tokens batch(step) holds: a resume with any of them
+# changed would silently train on other data than the checkpoint's run.
+DATA_FIELDS = ("data.corpus", "data.tokenizer", "data.vocab_size", "data.seq_len",
+               "data.mask_prob", "data.whole_word_masking", "data.task",
+               "data.validation", "data.validation_fraction", "data.text_field",
+               "data.text_pair_field", "data.label_field", "train.batch_size",
+               "train.seed", "nsp", "objective", "optimizer.accumulation_steps")
 
-  The saved config.json holds the resolved ModelConfig under RESOLVED_MODEL.
+
+def check_resumable(workdir, config, model_cfg_dict: dict, *,
+                    allow_data_change: bool = False) -> None:
+  """Refuses to resume when the saved model or the data the batches come from
+  differ from the current config; names every differing field.
+
+  The saved config.json holds the resolved ModelConfig under RESOLVED_MODEL;
+  data changes pass with allow_data_change (research.train --allow_data_change).
   """
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = json.loads(path.read_text()).get(RESOLVED_MODEL)
-  if saved is None:
-    return
-  diffs = run_config.diff_model(saved, model_cfg_dict)
+  saved = read_config_json(path)
+  diffs = run_config.diff_model(saved.get(RESOLVED_MODEL) or model_cfg_dict, model_cfg_dict)
   if diffs:
     raise ValueError(
         f"the checkpoint in {workdir} was written for a different model; refusing"
         " to resume. Differing model fields (saved -> current): " + "; ".join(diffs)
         + ". Use a new --workdir or restore the config.")
+  current = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  changed = []
+  for field in DATA_FIELDS:
+    old, new = _lookup(saved, field), _lookup(current, field)
+    if old is not _MISSING and new is not _MISSING and old != new:
+      changed.append(f"{field}: {old!r} -> {new!r}")
+  if changed and not allow_data_change:
+    raise ValueError(
+        f"resuming {workdir} with different data would not continue the same run:"
+        f" {'; '.join(changed)}. Restore those fields, use a new --workdir, or pass"
+        " --allow_data_change to resume anyway.")
 
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str):
+  for key in dotted.split("."):
+    if not isinstance(tree, dict) or key not in tree:
+      return _MISSING
+    tree = tree[key]
+  return tree
+
+
+def read_config_json(path: Path) -> dict:
+  """config.json as a dict; ValueError naming the file when it is not JSON."""
+  try:
+    return json.loads(Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON (truncated or edited by hand?): {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +384,7 @@ def open_run(workdir: str | os.PathLike) -> SavedRun:
         f"{workdir} has no {CONFIG_FILE}: not a fusedlm workdir (research.train"
         f" writes {CONFIG_FILE}, {TOKENIZER_DIR}/ and"
         f" {CHECKPOINT_DIR}/ there).")
-  record = json.loads(config_path.read_text())
+  record = read_config_json(config_path)
   model_dict = record.pop(RESOLVED_MODEL, None)
   if model_dict is None:
     raise ValueError(f"{config_path} lacks {RESOLVED_MODEL!r}, the model the checkpoints"
@@ -256,31 +408,40 @@ def checkpoint_steps(directory: Path) -> tuple[int, ...]:
   """Steps of the finished checkpoints in `directory` (Orbax skips temporaries)."""
   if not directory.is_dir():
     return ()
-  return tuple(sorted(_read_only_manager(directory).all_steps()))
+  with _read_only_manager(directory) as manager:
+    return tuple(sorted(manager.all_steps()))
 
 
 def restore_params(directory: Path, step: int, model_cfg: ModelConfig):
   """The `params` subtree of the TrainState saved at `step`, as numpy arrays."""
   item = {"params": models.abstract_params(model_cfg)}
   try:
-    return restore_tree(_read_only_manager(directory), step, item, partial=True)["params"]
+    with _read_only_manager(directory) as manager:
+      return restore_tree(manager, step, item, partial=True)["params"]
+  except checksums.DamagedCheckpointError:
+    raise
   except ValueError as e:
     raise ValueError(f"{e}; the model is the one in"
                      f" {directory.parent / CONFIG_FILE}") from e
 
 
-def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
-  # A fresh manager per call: a manager that saved with StandardSave keeps that
-  # handler and would refuse the partial PyTreeRestore used here.
+@contextlib.contextmanager
+def _read_only_manager(directory: Path):
+  """A read-only CheckpointManager, closed after use (an unclosed one leaves
+  Orbax's event loop to be torn down noisily at exit)."""
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)  # Orbax warns that the folder is read-only: it is meant to be.
   try:
-    return ocp.CheckpointManager(
+    manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0))
   finally:
     absl_logger.setLevel(level)
+  try:
+    yield manager
+  finally:
+    manager.close()
 
 
 def _incomplete_note(directory: Path) -> str:
@@ -288,4 +449,6 @@ def _incomplete_note(directory: Path) -> str:
   if not directory.is_dir():
     return f" ({directory} does not exist)"
   partial = sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
-  return f" (unfinished saves, ignored: {partial})" if partial else ""
+  damaged = sorted(p.name for p in directory.iterdir() if ".damaged-" in p.name)
+  note = f" (unfinished saves, ignored: {partial})" if partial else ""
+  return note + (f" (damaged, moved aside: {damaged})" if damaged else "")

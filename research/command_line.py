@@ -5,14 +5,17 @@ quiet logging, and JSON written atomically.
     flags.DEFINE_string("workdir", None, "...")
     command_line.run(_main, "research.evaluate")
 
-A user's mistake (a missing run, a bad flag value, a file that does not fit)
-is a FileNotFoundError or ValueError from the library; the command prints it
-as one line, `<command>: error: <message>`, and exits with status 2 (absl's
-own flag errors exit 1). Anything else is a bug and keeps its traceback.
+A user's mistake (a missing run, a bad flag value, a file that does not fit,
+a typo in a `--config.x=...` override) is printed as one line,
+`<command>: error: <message>`, and the command exits with status 2 (absl's
+own errors for undefined or missing flags exit 1). In the library those
+mistakes are FileNotFoundError or ValueError; anything else is a bug and
+keeps its traceback, as does every error under `--debug`.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -30,7 +33,28 @@ def fail(command: str, message: str):
 def run(body: Callable[[], None], command: str) -> None:
   """absl's app.run of `body()` (which reads absl.flags.FLAGS) with the shared
   error path; positional arguments are refused."""
-  from absl import app, logging  # pylint: disable=import-outside-toplevel
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_bool("debug", False, "show the full traceback of every error")
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:
+      # A bad value, or an error while loading the config file (config_flags
+      # wraps the traceback into the message): its last line says what.
+      if "--debug" in argv:
+        raise
+      fail(command, _last_line(str(e)))
+    except flags.Error as e:  # an undefined or missing flag: absl's own wording
+      print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see"
+            " help on flags.", file=sys.stderr)
+      sys.exit(1)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      # ml_collections' config_flags applies --config.x overrides while parsing
+      # and raises these, many frames deep, for a key the config lacks.
+      if "--debug" in argv:
+        raise
+      fail(command, f"bad config override: {_override_message(e)}")
 
   def main(argv):
     if len(argv) > 1:
@@ -40,9 +64,33 @@ def run(body: Callable[[], None], command: str) -> None:
     try:
       body()
     except (FileNotFoundError, ValueError) as e:
+      if flags.FLAGS.debug:
+        raise
       fail(command, str(e))
 
-  app.run(main)
+  app.run(main, flags_parser=parse)
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return lines[-1] if lines else text
+
+
+def _override_message(error: Exception) -> str:
+  text = str(error.args[0] if error.args else error)
+  # ml_collections re-raises a KeyError as AttributeError(KeyError), whose text
+  # is the repr of a repr: unwrap the quoting layers.
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  if isinstance(error, (AttributeError, KeyError)):
+    name, _, hint = text.partition("\n")
+    return (f"the config has no field {name.strip(chr(39))!r}"
+            + (f" ({hint.strip()})" if hint.strip() else "")
+            + "; the fields are research/run_config.py's defaults")
+  return " ".join(text.split())
 
 
 def write_json(record, path) -> Path:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 
 import ml_collections
@@ -213,8 +214,11 @@ def _schema_of(config: ml_collections.ConfigDict) -> dict:
 
 
 def schema_for(config) -> dict:
-  """The schema of the config's objective (pretraining or fine-tuning)."""
+  """The schema of the config's objective: its record's own defaults, else
+  pretraining's or fine-tuning's."""
   objective = objectives.get(config.get("objective"))
+  if objective.config_defaults is not None:
+    return _schema_of(objective.config_defaults())
   return _schema_of(finetune_defaults() if objective.fine_tunes else defaults())
 
 
@@ -258,6 +262,10 @@ def validate(config) -> None:
       raise ValueError(f"config.train.{key} must be >= 1, got {t[key]}.")
   if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
     raise ValueError("config.checkpoint.every and .keep must be >= 1.")
+  lr = config.optimizer.learning_rate
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    raise ValueError(f"config.optimizer.learning_rate must be a finite number > 0,"
+                     f" got {lr!r} (a negative rate climbs the loss).")
 
 
 def build_model_config(config, vocab_size: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,9 @@ def _format_seconds(s: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class RunLogger:
   """Writes metric rows and keeps the progress line up to date."""
 
@@ -64,7 +68,8 @@ class RunLogger:
                progress: bool = True):
     from tensorboardX import SummaryWriter  # Imported late: slow to import.
     self.workdir = Path(workdir)
-    self.jsonl = open(self.workdir / "metrics.jsonl", "a")
+    truncate_metrics(self.workdir, start_step)
+    self.jsonl = open(self.workdir / METRICS_FILE, "a")
     self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
     self.total, self.start = total_steps, start_step
     self.tokens_per_step = tokens_per_step
@@ -72,6 +77,24 @@ class RunLogger:
     self.progress = progress
     self._t0 = time.perf_counter()
     self._last_t, self._last_step = self._t0, start_step
+    self._paused_at = None
+    self._pauses: list[tuple[float, float]] = []  # since the last train row
+
+  def pause(self) -> None:
+    """Stops the throughput clock (a checkpoint's host copy, an evaluation)."""
+    self._paused_at = time.perf_counter()
+
+  def resume(self) -> None:
+    if self._paused_at is not None:
+      self._pauses.append((self._paused_at, time.perf_counter()))
+      self._paused_at = None
+
+  def _busy_seconds(self, until: float) -> float:
+    """Time from the last train row to `until`, less the pauses within it."""
+    paused = sum(max(0.0, min(end, until) - max(begin, self._last_t))
+                 for begin, end in self._pauses)
+    self._pauses = [(b, e) for b, e in self._pauses if e > until]
+    return until - self._last_t - paused
 
   def write(self, step: int, split: str, values: dict) -> None:
     row = {"step": step, "split": split, **values}
@@ -81,11 +104,12 @@ class RunLogger:
       if isinstance(value, (int, float)):
         self.tb.add_scalar(f"{split}/{key}", value, step)
 
-  def train(self, step: int, summary: dict, lr: float) -> None:
-    """Logs a train window ending at `step` (steps counted from 1)."""
-    now = time.perf_counter()
+  def train(self, step: int, summary: dict, lr: float, at: float | None = None) -> None:
+    """Logs a train window ending at `step` (steps counted from 1), done at time
+    `at` (time.perf_counter(); default now). Throughput leaves out pauses."""
+    now = time.perf_counter() if at is None else at
     steps = max(step - self._last_step, 1)
-    tok_s = steps * self.tokens_per_step / max(now - self._last_t, 1e-9)
+    tok_s = steps * self.tokens_per_step / max(self._busy_seconds(now), 1e-9)
     self._last_t, self._last_step = now, step
     values = {**summary, "learning_rate": lr, "tokens_per_second": tok_s}
     if self.peak:
@@ -113,19 +137,39 @@ class RunLogger:
     self.tb.close()
 
 
-def read_metrics(workdir, split: str = "train") -> dict[int, dict]:
-  """step -> the last row of `split` logged for it (a resumed run re-logs steps)."""
-  rows = {}
-  path = Path(workdir) / "metrics.jsonl"
-  if path.exists():
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        if number == len(lines):
-          break  # the half-written last row of a run killed mid-write
-        raise ValueError(f"{path}:{number}: not a JSON row") from None
-      if row.get("split") == split:
-        rows[row["step"]] = row
+def _rows(path: Path) -> list[dict]:
+  """The rows of metrics.jsonl; a half-written last row (a kill mid-write) is dropped."""
+  if not path.exists():
+    return []
+  rows = []
+  lines = path.read_text().splitlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines):
+        break
+      raise ValueError(f"{path}:{number}: not a JSON row") from None
   return rows
+
+
+def truncate_metrics(workdir, step: int) -> None:
+  """Drops the rows logged after `step`: a resume from the checkpoint at `step`
+  logs them again, with the same values, so the file stays in step order
+  without duplicates. Rewritten atomically."""
+  path = Path(workdir) / METRICS_FILE
+  rows = _rows(path)
+  kept = [row for row in rows if row.get("step", 0) <= step]
+  if len(kept) == len(rows) and (not path.exists() or path.read_text().endswith("\n")
+                                 or not path.read_text()):
+    return
+  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+  os.replace(partial, path)
+
+
+def read_metrics(workdir, split: str = "train") -> dict[int, dict]:
+  """step -> the row of `split` logged for it (the last one, for files written
+  before resumes truncated them)."""
+  return {row["step"]: row for row in _rows(Path(workdir) / METRICS_FILE)
+          if row.get("split") == split}

@@ -4,9 +4,14 @@
   python -m research.train --config experiments/tiny_gpt.py --workdir /tmp/t \\
       --config.train.steps=200
 
-Rerunning with the same --workdir resumes from the latest complete checkpoint:
-the state carries the step (= the data position, batch(step) is pure) and the
-dropout RNG, so the resumed losses equal an uninterrupted run's.
+Rerunning with the same --workdir resumes from the newest intact checkpoint
+(research.checkpoint verifies its checksums and falls back past a damaged
+one): the state carries the step (= the data position, batch(step) is pure)
+and the dropout RNG, and the checkpoint the partial log window, so the resumed
+losses and metrics.jsonl rows equal an uninterrupted run's (rows logged after
+the checkpoint are dropped and logged again). A resume that would change the
+batches (checkpoint.DATA_FIELDS) is refused unless --allow_data_change. A
+state with NaN or Inf values is never saved; one trainer per workdir.
 
 train.steps counts optimizer updates (as research.optimizer does): with
 optimizer.accumulation_steps = k the loop takes steps * k micro-batches
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 
 import jax
 
@@ -28,6 +34,7 @@ from research import steps as steps_lib
 from research.evaluate import evaluate_batches
 from research.data import load_tokenizer
 from research.parallel import replicate, shard, unreplicate
+from research.run_lock import WorkdirLock
 from research.warm_start import WarmStart, transfer_params
 
 
@@ -44,7 +51,7 @@ def _devices(devices=None, num_devices: int | None = None):
 
 def train(config, workdir, *, devices=None, num_devices: int | None = None,
           progress: bool = True, stop_at: int | None = None,
-          warm_start: WarmStart | None = None) -> dict:
+          warm_start: WarmStart | None = None, allow_data_change: bool = False) -> dict:
   """Runs (or resumes) the training job; returns the final eval summary and more.
 
   devices / num_devices pick the pmap devices (default: every local device);
@@ -52,6 +59,11 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   run after that step (saving a checkpoint there), as an interruption would.
   warm_start (research.finetune) supplies the pretrained tokenizer, model and
   parameters a classification config starts from; a resume reads its own.
+  allow_data_change lets a resume change the fields that decide the batches
+  (checkpoint.DATA_FIELDS), which is refused otherwise.
+
+  One trainer per workdir (run_lock); the lock is held until the last save
+  is written.
   """
   run_config.validate(config)
   objective = objectives.get(config.objective)
@@ -59,16 +71,23 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
     raise ValueError(f"a {objective.name} config fine-tunes a pretrained run: launch it"
                      " with research.finetune --init_from DIR.")
   devices = _devices(devices, num_devices)
-  n_dev = len(devices)
-  if config.train.batch_size % n_dev:
+  if config.train.batch_size % len(devices):
     raise ValueError(f"config.train.batch_size ({config.train.batch_size}) must be a"
-                     f" multiple of the {n_dev} devices.")
+                     f" multiple of the {len(devices)} devices.")
+  with WorkdirLock(workdir, progress):
+    return _train_locked(config, Path(workdir), objective, devices, progress, stop_at,
+                         warm_start, allow_data_change)
+
+
+def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_start,
+                  allow_data_change) -> dict:
+  n_dev = len(devices)
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                config.checkpoint["async"])
-  latest = ckpt.latest_step()
+  resuming = ckpt.latest_step() is not None
   saved_tok = ckpt.workdir / ckpt_lib.TOKENIZER_DIR
   # On resume, the workdir's own tokenizer: the data must be tokenized as before.
-  if latest is not None and saved_tok.exists():
+  if resuming and saved_tok.exists():
     tokenizer = load_tokenizer(saved_tok)
   else:
     tokenizer = warm_start.tokenizer if warm_start is not None else None
@@ -77,10 +96,9 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
       config, data.tokenizer.vocab_size,
       warm_start.model_cfg if warm_start is not None else None,
       len(data.label_names or ()))
-  if latest is not None:
-    ckpt_lib.check_compatible(workdir, model_cfg.to_dict())
-  ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
-                           data.label_names)
+  if resuming:
+    ckpt_lib.check_resumable(workdir, config, model_cfg.to_dict(),
+                             allow_data_change=allow_data_change)
 
   accum = config.optimizer.accumulation_steps
   updates = config.train.steps
@@ -93,8 +111,12 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   lr_schedule = optimizer.learning_rate_schedule(opt_cfg, updates)
   model = models.build_model(model_cfg)
   transfer = None
-  if latest is not None:
-    host_state = ckpt.restore(latest, steps_lib.abstract(model_cfg, tx, config.train.seed))
+  window: dict = {}  # summed train metrics since the last log row (saved with checkpoints)
+  restored = ckpt.restore_latest(steps_lib.abstract(model_cfg, tx, config.train.seed),
+                                 progress) if resuming else None
+  if restored is not None:
+    _, host_state, extra = restored
+    window.update(extra.get("window", {}))
   else:
     host_state = steps_lib.create(model_cfg, tx, config.train.seed)
     if warm_start is not None:
@@ -102,6 +124,9 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
       host_state = host_state.replace(params=params, opt_state=tx.init(params))
       if progress:
         print(f"warm start from {warm_start.source}: {transfer.describe()}", file=sys.stderr)
+  # Only now, every check passed: a refused resume leaves config.json as it was.
+  ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
+                           data.label_names)
   start = int(host_state.step)
   state = replicate(host_state, devices)
   del host_state
@@ -114,49 +139,77 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
       run_logging.peak_flops(devices[0]), n_dev, progress)
 
   def evaluate(step):
+    logger.pause()  # evaluation time is not training throughput
     summary = evaluate_batches(
         p_eval, state.params, data.eval.eval_batches(config.train.eval_batches or None),
         n_dev)
     logger.eval(step, summary)
+    logger.resume()
     return summary
 
-  window: dict = {}  # summed train metrics since the last log line
-  pending = None  # (step, device sums) not fetched yet
+  def eval_due(step: int) -> bool:
+    return step % config.train.eval_every == 0 or step == total
 
-  def fetch(item):
-    """Host side of a step: NaN check, window sums, the log line when due."""
+  pending = None  # (step, its metric sums: on the devices, or already on the host)
+
+  def to_host(item):
+    """(step, host sums) of a step; NonFiniteLossError if its loss is not finite."""
     step, sums = item
-    sums = {k: float(v) for k, v in unreplicate(sums).items()}
+    if not isinstance(sums, dict) or any(not isinstance(v, float) for v in sums.values()):
+      sums = {k: float(v) for k, v in unreplicate(sums).items()}
     if not all(math.isfinite(v) for v in sums.values()):
       raise NonFiniteLossError(
           f"non-finite training loss at step {step} (loss_sum={sums['loss_sum']});"
-          f" stopping. The last good checkpoint is step {ckpt.latest_step()} in"
-          f" {ckpt.workdir / ckpt_lib.CHECKPOINT_DIR}.")
+          f" stopping. The newest checkpoint, step {ckpt.newest_intact_label()} in"
+          f" {ckpt.directory}, holds only finite values.")
+    return step, sums
+
+  def log_due(step: int) -> bool:
+    return step % config.train.log_every == 0 or step == total
+
+  def record(step, sums, at: float):
+    """Adds a step to the log window; writes the row when due. `at`: when the
+    loop was done with the step (time.perf_counter()), the row's time stamp."""
     for k, v in sums.items():
       window[k] = window.get(k, 0.0) + v
-    if step % config.train.log_every == 0 or step == total:
-      logger.train(step, objectives.summarize(window), float(lr_schedule(step // accum)))
+    if log_due(step):
+      logger.train(step, objectives.summarize(window), float(lr_schedule(step // accum)),
+                   at=at)
       window.clear()
 
   summary: dict = {}
   t0 = time.perf_counter()
   try:
+    if start and eval_due(start) and start not in run_logging.read_metrics(workdir, "eval"):
+      summary = evaluate(start)  # killed between the checkpoint and its eval row
     end = total if stop_at is None else min(stop_at, total)
+    finished_at = time.perf_counter()  # when the loop was done with the last step
     for step in range(start, end):
+      iteration_start = time.perf_counter()
       batch = shard(data.train.batch(step), n_dev)  # [devices, per_device, ...]
       state, sums = p_train(state, batch)
       if pending is not None:
-        fetch(pending)  # previous step's metrics, while this one runs
+        # The previous step's metrics, while this one runs. Its row is stamped
+        # with the start of this iteration: every row's throughput covers whole
+        # loop iterations, whether its metrics came in late or at a checkpoint.
+        record(*to_host(pending), at=iteration_start)
       pending = (step + 1, sums)  # logged as step + 1: micro-batches taken so far
       done = step + 1
       if done % config.checkpoint.every == 0 or done == end:
-        fetch(pending)  # never checkpoint a state whose loss is not finite
-        pending = None
-        ckpt.save(done, unreplicate(state), force=done == end)
-      if done % config.train.eval_every == 0 or done == total:
+        pending = to_host(pending)  # never checkpoint a state whose loss is not finite
+        finished_at = time.perf_counter()
+        # The window as it will be once `done` is recorded, so a resume from
+        # here logs the same rows as this run.
+        saved_window = {} if log_due(done) else {
+            k: window.get(k, 0.0) + v for k, v in pending[1].items()}
+        logger.pause()  # the save's host copy is not training time
+        ckpt.save(done, unreplicate(state), force=done == end,
+                  extra={"window": saved_window})
+        logger.resume()
+      if eval_due(done):
         summary = evaluate(done)
     if pending is not None:
-      fetch(pending)
+      record(*to_host(pending), at=finished_at)
     if start >= total and not summary:
       summary = evaluate(total)
   finally:
@@ -168,7 +221,8 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
 
 def _main():
   from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  summary = train(flags.FLAGS.config, flags.FLAGS.workdir,
+                  allow_data_change=flags.FLAGS.allow_data_change)
   print(f"final eval: {summary['eval']}")
 
 
@@ -178,5 +232,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "experiment config file",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
+  flags.DEFINE_bool("allow_data_change", False, "resume even though fields that decide"
+                    " the batches (batch_size, seq_len, corpus, tokenizer, ...) changed")
   flags.mark_flags_as_required(["config", "workdir"])
   command_line.run(_main, "research.train")

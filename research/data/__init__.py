@@ -9,6 +9,7 @@ Modules, one concern each:
   sources         a config string -> Corpus
   tokenizer       train / load / save tokenizers (Hugging Face `tokenizers`)
   cache           tokenized splits as memory-mapped arrays, cached on disk
+  partials        atomic publishing of cache entries; stale partials removed
   order           deterministic, resumable, per-process batch order
   packing         documents joined into a separator-delimited stream
   masking         BERT's 80/10/10 masking of one sequence

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from research.data import partials
 from research.data.corpus import Corpus
 from research.data.tokenizer import Tokenizer
 
@@ -118,7 +119,8 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer,
   if (path / "meta.json").exists():
     return load_entry(path)
   docs = corpus.split(split)
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  partials.remove_stale(path.parent)
+  partial = partials.partial_path(path)
   shutil.rmtree(partial, ignore_errors=True)
   partial.mkdir(parents=True)
   dtype = token_dtype(tokenizer.vocab_size)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from research.data import tokenizer_training
+from research.data import partials, tokenizer_training
 from research.data.corpus import Corpus
 
 KINDS = ("wordpiece", "bpe", "byte")
@@ -205,8 +205,9 @@ def get_or_train_tokenizer(kind: str, corpus: Corpus, vocab_size: int | None,
   directory = Path(cache_dir) / "tokenizers" / f"{kind}-{vocab_size}-{key}"
   if (directory / "tokenizer.json").exists():
     return load_tokenizer(directory)
+  partials.remove_stale(directory.parent)
   tokenizer = train_tokenizer(kind, corpus.train, vocab_size, **options)
-  partial = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
+  partial = partials.partial_path(directory)
   tokenizer.save(partial)
   try:
     os.replace(partial, directory)  # Atomic; a concurrent run may have won the race.
@@ -240,7 +241,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     raise FileNotFoundError(f"no tokenizer at {path}")
   config = _read_folder_config(path.parent)
   if path.suffix == ".json":
-    hf = tokenizers.Tokenizer.from_file(str(path))
+    try:
+      hf = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a bad file
+      raise ValueError(f"cannot read the tokenizer {path} (truncated, or not a Hugging"
+                       f" Face tokenizers file?): {e}") from e
   elif path.suffix == ".txt":
     hf = _wordpiece_from_vocab(path, config)
   else:
@@ -254,7 +259,10 @@ def _read_folder_config(folder: Path) -> dict:
   config: dict = {}
   for name in ("special_tokens_map.json", CONFIG_FILE):
     if (folder / name).is_file():
-      config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+      try:
+        config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / name} is not valid JSON (truncated?): {e}") from e
   return config
 
 

@@ -49,7 +49,10 @@ def load_hf_checkpoint(path, **runtime_overrides) -> tuple[ModelConfig, dict]:
   config_file = directory / "config.json"
   if not config_file.is_file():
     raise ValueError(f"no config.json in {directory}.")
-  hf = json.loads(config_file.read_text())
+  try:
+    hf = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_file} is not valid JSON (truncated?): {e}") from e
   architecture = _architecture(hf, config_file)
   bad = sorted(set(runtime_overrides) - set(RUNTIME_FIELDS))
   if bad:
@@ -182,8 +185,12 @@ def _shards(index: pathlib.Path) -> list[pathlib.Path]:
 def _read_safetensors(file) -> dict[str, np.ndarray]:
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   # The flax reader handles bfloat16, which numpy cannot hold natively.
-  with safe_open(str(file), framework="flax") as f:
-    return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+  try:
+    with safe_open(str(file), framework="flax") as f:
+      return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+  except Exception as e:  # safetensors raises its own SafetensorError, and OSError
+    raise ValueError(f"cannot read the weights in {file} (truncated or not a"
+                     f" safetensors file?): {type(e).__name__}: {e}") from e
 
 
 def _read_torch(file) -> dict[str, np.ndarray]:

@@ -51,9 +51,9 @@ def test_shape_mismatch_is_a_value_error(tmp_path):
 def test_config_mismatch_names_fields(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(
       {"resolved_model": {"hidden_size": 64, "num_layers": 2}}))
-  ckpt_lib.check_compatible(tmp_path, {"hidden_size": 64, "num_layers": 2})
+  ckpt_lib.check_resumable(tmp_path, {}, {"hidden_size": 64, "num_layers": 2})
   with pytest.raises(ValueError, match=r"num_layers: 2 -> 3"):
-    ckpt_lib.check_compatible(tmp_path, {"hidden_size": 64, "num_layers": 3})
+    ckpt_lib.check_resumable(tmp_path, {}, {"hidden_size": 64, "num_layers": 3})
 
 
 def test_restores_the_trained_parameters_only(trained_gpt):
@@ -91,7 +91,7 @@ def test_an_incomplete_checkpoint_is_named(copied_run):
   shutil.rmtree(copied_run / "checkpoints" / "40" / "state")
   (copied_run / "checkpoints" / "60.orbax-checkpoint-tmp-1").mkdir()
   run = ckpt_lib.open_run(copied_run)
-  with pytest.raises(ValueError, match=r"checkpoints/40: it is incomplete(.|\n)*"
+  with pytest.raises(ValueError, match=r"checkpoints/40 is damaged or incomplete(.|\n)*"
                                        r"Other checkpoints in .*: steps \[20\]"):
     run.restore_params(40)
   assert run.restore_params(20)[0] == 20  # the older one is intact

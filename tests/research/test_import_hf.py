@@ -112,3 +112,15 @@ def test_the_command_line(bert_run, tmp_path):
        str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
   assert again.returncode == 2
   assert again.stderr.strip().endswith("already holds a run; import into a new --workdir.")
+
+
+def test_truncated_weights_are_named(tmp_path):
+  hf = _bert_folder(tmp_path / "bert")
+  weights = hf / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:1000])
+  with pytest.raises(ValueError, match=r"cannot read the weights in .*model.safetensors"):
+    import_hf.import_hf(hf, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  (hf / "config.json").write_text("{\"architectures\": [\"BertFor")
+  with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+    import_hf.import_hf(hf, tmp_path / "run")

@@ -50,3 +50,25 @@ def test_dtype_grows_with_the_vocabulary():
                                         vocab_size=70001)
   assert split.tokens.dtype == np.uint32
   np.testing.assert_array_equal(split.doc_offsets, [0, 2, 3])
+
+
+def test_stale_partials_of_dead_writers_are_removed(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from research.data import partials
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  stale = tmp_path / f"entry.{dead}.partial"
+  stale.mkdir()
+  (stale / "tokens.bin").write_bytes(b"half")
+  old = 1_000_000_000
+  os.utime(stale / "tokens.bin", (old, old))
+  os.utime(stale, (old, old))
+  fresh = tmp_path / f"other.{dead}.partial"  # recently written: maybe another host's
+  fresh.mkdir()
+  mine = tmp_path / f"entry.{os.getpid()}.partial"
+  mine.mkdir()
+  os.utime(mine, (old, old))
+  assert partials.remove_stale(tmp_path) == [stale]
+  assert not stale.exists() and fresh.exists() and mine.exists()
