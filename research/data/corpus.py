@@ -9,6 +9,14 @@ When a source has no explicit validation part, `split_documents` assigns each
 document by a hash of its text: the assignment does not depend on document order,
 and duplicated documents always land on the same side, so exact duplicates
 cannot leak from train into validation.
+
+`split_paragraphs` does the same one level down, for corpora of few, long and
+unlike documents (the built-in one): each paragraph goes by the hash of its
+text, and every document keeps its paragraphs of each side, in order. A
+document-level split of such a corpus draws its validation part from a few
+dozen documents, so its share of characters and its difficulty swing with
+which ones the hash picks; thousands of paragraphs give a validation part that
+holds the requested share of characters and reads like the training part.
 """
 
 from __future__ import annotations
@@ -99,6 +107,63 @@ def split_documents(
   return train, validation
 
 
+PARAGRAPH_BREAK = "\n\n"
+
+
+def split_paragraphs(
+    docs: Sequence[str], validation_fraction: float
+) -> tuple[list[str], list[str]]:
+  """Assigns the paragraphs of every document to (train, validation) by hash.
+
+  Paragraphs are the pieces between PARAGRAPH_BREAK ("\n\n"); one goes to
+  validation when its hash falls in the lowest `validation_fraction` of the
+  64-bit range, so identical paragraphs (licence headers, repeated notes) land
+  on the same side. A document contributes its training paragraphs, rejoined
+  in order, as one training document and its validation paragraphs as one
+  validation document (none where it has none on that side), so the training
+  text is the original with the validation paragraphs cut out. Both parts are
+  kept non-empty as `split_documents` keeps them; a single one-paragraph
+  document is cut at a line break.
+
+  Raises:
+    ValueError: `validation_fraction` outside (0, 1), no documents, or fewer
+      than two non-blank paragraphs in several documents.
+  """
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+  if not docs:
+    raise ValueError("cannot split an empty list of documents")
+  pieces = [doc.split(PARAGRAPH_BREAK) for doc in docs]
+  flat = [piece for doc in pieces for piece in doc]
+  if len(docs) == 1 and len(flat) == 1:
+    return _cut_single_document(docs[0], validation_fraction)
+  threshold = int(validation_fraction * 2**64)
+  hashes = [document_hash(piece) for piece in flat]
+  # Blank pieces (from runs of blank lines) stay in training, where they keep
+  # the document's spacing; they carry nothing to validate on.
+  text = [i for i, piece in enumerate(flat) if piece.strip()]
+  if len(text) < 2:
+    raise ValueError(f"{len(text)} non-blank paragraph(s) cannot be split into "
+                     "non-empty train and validation parts")
+  in_validation = [False] * len(flat)
+  for i in text:
+    in_validation[i] = hashes[i] < threshold
+  if not any(in_validation):
+    in_validation[min(text, key=hashes.__getitem__)] = True
+  if all(in_validation[i] for i in text):
+    in_validation[max(text, key=hashes.__getitem__)] = False
+  train, validation = [], []
+  start = 0
+  for doc in pieces:
+    sides = in_validation[start:start + len(doc)]
+    start += len(doc)
+    for part, side in ((train, False), (validation, True)):
+      kept = PARAGRAPH_BREAK.join(piece for piece, val in zip(doc, sides) if val == side)
+      if kept.strip():
+        part.append(kept)
+  return train, validation
+
+
 def _cut_single_document(doc: str, validation_fraction: float) -> tuple[list[str], list[str]]:
   """Splits one document into a train head and a validation tail at a line break."""
   target = int(len(doc) * (1.0 - validation_fraction))
@@ -126,6 +191,7 @@ def corpus_from_documents(
     *,
     validation_fraction: float = 0.05,
     validation_docs: Iterable[str] | None = None,
+    by_paragraph: bool = False,
     description: str = "",
     source: str = "",
 ) -> Corpus:
@@ -134,8 +200,10 @@ def corpus_from_documents(
   Args:
     name: corpus name.
     docs: all documents, or the training documents when `validation_docs` is given.
-    validation_fraction: share of documents hashed into validation.
+    validation_fraction: share of documents (of paragraphs, with
+      `by_paragraph`) hashed into validation.
     validation_docs: explicit validation documents; disables hash splitting.
+    by_paragraph: hash paragraphs, not whole documents (`split_paragraphs`).
     description: free text stored on the corpus.
     source: where the text came from, for error messages.
 
@@ -147,7 +215,8 @@ def corpus_from_documents(
   if not docs:
     raise ValueError(f"corpus {name!r} is empty: no non-blank documents{where}")
   if validation_docs is None:
-    train, validation = split_documents(docs, validation_fraction)
+    split = split_paragraphs if by_paragraph else split_documents
+    train, validation = split(docs, validation_fraction)
   else:
     train, validation = docs, non_blank(validation_docs)
     if not validation:

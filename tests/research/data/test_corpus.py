@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from research.data.corpus import Corpus, corpus_from_documents, split_documents
+from research.data.corpus import (
+    Corpus,
+    corpus_from_documents,
+    split_documents,
+    split_paragraphs,
+)
 
 
 def docs(n):
@@ -70,3 +75,67 @@ def test_fraction_outside_unit_interval_is_rejected(fraction):
 def test_unknown_split_name_is_rejected():
   with pytest.raises(ValueError, match="'test'"):
     Corpus("c", ["a"], ["b"]).split("test")
+
+
+def paragraph_docs(n_docs, seed=0):
+  """Documents of 1 to 60 paragraphs of 10 to 2,000 characters: unlike sizes, as
+  in the built-in corpus."""
+  rng = np.random.default_rng(seed)
+  return ["\n\n".join(f"doc {d} paragraph {p} " + "x" * int(rng.integers(10, 2000))
+                       for p in range(int(rng.integers(1, 61))))
+          for d in range(n_docs)]
+
+
+def test_paragraph_split_cuts_each_document_into_its_two_sides_in_order():
+  all_docs = paragraph_docs(60)
+  train, validation = split_paragraphs(all_docs, 0.1)
+  by_doc = lambda part: {p.split(" paragraph")[0]: p.split("\n\n") for p in part}
+  train_of, validation_of = by_doc(train), by_doc(validation)
+  assert len(set(train_of) & set(validation_of)) > 10, "documents are cut, not moved whole"
+  for doc in all_docs:
+    name, paragraphs = doc.split(" paragraph")[0], doc.split("\n\n")
+    kept, held = train_of.get(name, []), validation_of.get(name, [])
+    assert sorted(kept + held) == sorted(paragraphs)
+    # Each side keeps the document's order.
+    assert kept == [p for p in paragraphs if p in kept]
+    assert held == [p for p in paragraphs if p in held]
+
+
+def test_paragraph_split_takes_the_fraction_of_characters_order_independently():
+  all_docs = paragraph_docs(300)
+  train, validation = split_paragraphs(all_docs, 0.05)
+  share = sum(map(len, validation)) / sum(map(len, all_docs))
+  # ~9,000 paragraphs of unlike sizes: within a few tenths of a percent of 5%.
+  np.testing.assert_allclose(share, 0.05, atol=0.006)
+  train2, validation2 = split_paragraphs(all_docs[::-1], 0.05)
+  assert sorted(validation2) == sorted(validation) and sorted(train2) == sorted(train)
+
+
+def test_identical_paragraphs_land_on_the_same_side():
+  shared = [f"Copyright notice number {i}." for i in range(40)]
+  all_docs = [f"doc {d}\n\n" + "\n\n".join(shared) for d in range(20)]
+  train, validation = split_paragraphs(all_docs, 0.3)
+  in_train = {p for doc in train for p in doc.split("\n\n")}
+  in_validation = {p for doc in validation for p in doc.split("\n\n")}
+  assert not in_train & in_validation
+  assert in_validation & set(shared) and in_train & set(shared)
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.999])
+def test_paragraph_split_keeps_both_parts_non_empty(fraction):
+  train, validation = split_paragraphs(["a\n\nb", "c\n\n\n\nd"], fraction)
+  assert train and validation
+  assert all(doc.strip() for doc in train + validation)
+
+
+def test_paragraph_split_of_one_paragraph_cuts_it_and_refuses_two_blank_ones():
+  text = "".join(f"line {i}\n" for i in range(100))
+  assert split_paragraphs([text], 0.1) == split_documents([text], 0.1)
+  with pytest.raises(ValueError, match="1 non-blank paragraph"):
+    split_paragraphs(["only one", "  "], 0.1)
+
+
+def test_corpus_from_documents_splits_by_paragraph_when_asked():
+  all_docs = paragraph_docs(20)
+  corpus = corpus_from_documents("c", all_docs, validation_fraction=0.2, by_paragraph=True)
+  assert (corpus.train, corpus.validation) == split_paragraphs(all_docs, 0.2)

@@ -1,10 +1,11 @@
 """The built-in corpus: contents, size, splitting, and the on-disk memo."""
 
+import numpy as np
 import pydoc_data.topics
 import pytest
 
 from research.data import stdlib_corpus
-from research.data.corpus import corpus_from_documents
+from research.data.corpus import corpus_from_documents, split_paragraphs
 
 MODULE_SOURCE = b'''#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
@@ -80,12 +81,15 @@ def test_full_corpus_holds_all_topics_then_module_prose(assembled):
                  for name in names)
 
 
-def test_full_corpus_is_several_megabytes_in_two_non_empty_splits(assembled):
+def test_full_corpus_is_several_megabytes_split_by_paragraph_at_the_fraction(assembled):
   docs, _ = assembled
-  corpus = corpus_from_documents("builtin", docs)
-  assert corpus.num_chars("train") + corpus.num_chars("validation") > 3_000_000
-  assert len(corpus.train) > 400 and len(corpus.validation) > 10
-  assert len(set(corpus.train + corpus.validation)) == len(docs)
+  corpus = corpus_from_documents("builtin", docs, by_paragraph=True)
+  total = sum(map(len, docs))
+  assert total > 3_000_000
+  # Thousands of paragraphs: the validation share of characters is the
+  # fraction to within a few tenths of a percent (whole documents: 2.6% here).
+  np.testing.assert_allclose(corpus.num_chars("validation") / total, 0.05, atol=0.005)
+  assert len(corpus.train) == len(docs) and len(corpus.validation) > 100
 
 
 def test_second_load_reads_the_memo_without_parsing(assembled, monkeypatch):
@@ -96,7 +100,7 @@ def test_second_load_reads_the_memo_without_parsing(assembled, monkeypatch):
   corpus = stdlib_corpus.builtin_corpus(cache_dir=cache)
   assert corpus.train + corpus.validation != []
   assert corpus.name.startswith("builtin-python3.")
-  assert sorted(corpus.train + corpus.validation) == sorted(docs)
+  assert (corpus.train, corpus.validation) == split_paragraphs(docs, 0.05)
 
 
 def test_memo_key_changes_when_a_source_file_changes(tmp_path):
