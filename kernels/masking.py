@@ -5,7 +5,7 @@ arguments, in the layout of `jax.nn.dot_product_attention`:
 
   q: [batch, q_len, num_heads, head_dim]
   k: [batch, kv_len, num_kv_heads, head_dim]
-  v: [batch, kv_len, num_kv_heads, head_dim]
+  v: [batch, kv_len, num_kv_heads, v_head_dim]  (v_head_dim may differ)
 
 and three optional, composable masks. Query i may attend to key j iff all hold:
 
@@ -46,6 +46,7 @@ class AttentionShape:
   num_heads: int
   num_kv_heads: int
   head_dim: int
+  v_head_dim: int
 
   @property
   def group_size(self) -> int:
@@ -75,8 +76,10 @@ def check_qkv(q, k, v) -> AttentionShape:
         f"unsupported dtype {q.dtype}: attention takes float32, bfloat16 or"
         " float16."
     )
-  if k.shape != v.shape:
-    raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}.")
+  if k.shape[:3] != v.shape[:3]:
+    raise ValueError(
+        f"k and v must share [batch, kv_len, num_kv_heads]: k {k.shape}, v"
+        f" {v.shape}.")
   batch, q_len, num_heads, head_dim = q.shape
   kv_batch, kv_len, num_kv_heads, kv_head_dim = k.shape
   if kv_batch != batch:
@@ -85,16 +88,17 @@ def check_qkv(q, k, v) -> AttentionShape:
     )
   if kv_head_dim != head_dim:
     raise ValueError(
-        f"head_dim mismatch: q has {head_dim}, k and v have {kv_head_dim}."
+        f"head_dim mismatch: q has {head_dim}, k has {kv_head_dim}."
     )
-  if min(q.shape) == 0 or min(k.shape) == 0:
-    raise ValueError(f"empty input: q {q.shape}, k {k.shape}.")
+  if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
+    raise ValueError(f"empty input: q {q.shape}, k {k.shape}, v {v.shape}.")
   if num_heads % num_kv_heads:
     raise ValueError(
         f"num_heads ({num_heads}) must be a multiple of num_kv_heads"
         f" ({num_kv_heads}) for grouped-query attention."
     )
-  return AttentionShape(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
+  return AttentionShape(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim,
+                        v.shape[3])
 
 
 def _check_ids(name: str, x, batch: int, length: int, what: str):
@@ -152,17 +156,27 @@ def segments_from_masks(
   return q_segments, kv_segments
 
 
-def dense_mask(shape: AttentionShape, causal: bool, segments) -> jax.Array:
+def dense_mask(shape: AttentionShape, causal: bool, segments, offset=None,
+               window=None) -> jax.Array:
   """The full boolean mask [batch, 1, q_len, kv_len] (True = attend).
 
-  Only the reference materialises this; the kernel evaluates the same
-  predicate block by block.
+  offset: query i sits at key position i + offset (default: bottom-right,
+  `causal_offset`); window: (left, right) keys either side of it (see
+  `kernels.variants`). Only the reference materialises this; the kernel
+  evaluates the same predicate block by block.
   """
+  offset = shape.causal_offset if offset is None else offset
   rows = jnp.arange(shape.q_len)[:, None]
   cols = jnp.arange(shape.kv_len)[None, :]
   mask = jnp.ones((1, 1, shape.q_len, shape.kv_len), jnp.bool_)
   if causal:
-    mask = mask & (cols <= rows + shape.causal_offset)[None, None]
+    mask = mask & (cols <= rows + offset)[None, None]
+  if window is not None:
+    left, right = window
+    if left is not None:
+      mask = mask & (cols >= rows + offset - left)[None, None]
+    if right is not None:
+      mask = mask & (cols <= rows + offset + right)[None, None]
   if segments is not None:
     q_segments, kv_segments = segments
     mask = mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])

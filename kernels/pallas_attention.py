@@ -23,9 +23,22 @@ group's query heads in its loop. Blocks are skipped only through loop
 bounds, never by a branch, so every load in a loop is unconditional and
 Triton's software pipeliner can make it asynchronous (cp.async): the causal
 diagonal bounds each loop, and so do per-block ranges of the blocks whose
-segment ids can meet (`masking.segment_block_ranges`); within them hidden pairs are
-masked with `where`. The dK/dV kernel works on transposed tiles (S^T) so
-that each of its products has block_k_dkv rows, enough for Hopper's wgmma.
+segment ids can meet (`masking.segment_block_ranges`), and the local
+window's two diagonals; within them hidden pairs are masked with `where`.
+The dK/dV kernel works on transposed tiles (S^T) so that each of its products
+has block_k_dkv rows, enough for Hopper's wgmma. The tile bodies are in
+`kernels.pallas_tiles`.
+
+Variants (`kernels.variants`), each a static specialisation: an additive
+bias and a per-head mask are read tile by tile beside the scores (a bias
+shared by the batch or the heads is stored once and indexed so); d bias is
+dS, written by a fourth kernel, one tile per program, only when a bias is
+given (XLA drops it when d bias is unused). The soft-cap's derivative
+(1 - tanh^2) multiplies dS. Dropout draws Philox bits from (seed, batch,
+head, row, column) in the forward and again in both backward kernels, so the
+mask is never stored. With the log-sum-exp as an output, its cotangent
+enters as dS = P (dP - (D - dlse)). The value head dim may differ from the
+query/key one (each is padded on its own).
 
 The wrapper pads sequence lengths to the block sizes and the head dimension to
 a power of two (Triton tiles are powers of two); padded keys are masked and
@@ -34,7 +47,6 @@ padded rows and columns are sliced away.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -44,233 +56,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import masking, triton_notice
+from kernels import masking, pallas_tiles, triton_notice, variants
 from kernels.block_sizes import BlockSizes, check_fits, clamp, padded_head_dim
+from kernels.pallas_tiles import Static
 
-LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything the kernels specialise on (hashable: a custom_vjp nondiff arg)."""
-
-  scale: float
-  causal: bool
-  q_len: int  # unpadded lengths: they fix the causal diagonal and the tails
-  kv_len: int
-  group: int
-  has_segments: bool
-  blocks: BlockSizes
-  interpret: bool
-
-  @property
-  def offset(self) -> int:
-    return self.kv_len - self.q_len
-
-  @property
-  def scale_log2(self) -> float:
-    return self.scale * LOG2E
-
-
-def _dot(a, b, contract_a: int, contract_b: int):
-  """a . b contracting one axis each, accumulating in float32."""
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(
-      a, b, (((contract_a,), (contract_b,)), ((), ())),
-      precision=precision, preferred_element_type=jnp.float32,
-  )
-
-
-def _visible(q_pos, k_pos, q_segments, kv_segments, block_k: int, st: _Static):
-  """Which (query, key) pairs of a tile may attend, or None if all may.
-
-  Positions and segment ids come shaped to broadcast against each other:
-  [block_q, 1] against [1, block_k] for a tile of S, or the transpose for a
-  tile of S^T (the dK/dV kernel).
-  """
-  visible = None
-  if st.causal:
-    visible = k_pos <= q_pos + st.offset
-  if st.has_segments:
-    # Padded keys carry PAD_SEGMENT, so this also hides the padded tail.
-    same = q_segments == kv_segments
-    visible = same if visible is None else visible & same
-  elif st.kv_len % block_k:
-    tail = k_pos < st.kv_len
-    visible = tail if visible is None else visible & tail
-  return visible
-
-
-def _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st: _Static):
-  """Scores S * log2(e) of one tile, [block_q, block_k] float32, -inf where hidden."""
-  s = _dot(q, k, 1, 1) * st.scale_log2
-  block_q, block_k = s.shape
-  visible = _visible(
-      q_start + jnp.arange(block_q)[:, None], k_start + jnp.arange(block_k)[None, :],
-      None if q_segments is None else q_segments[:, None],
-      None if kv_segments is None else kv_segments[None, :], block_k, st)
-  return s if visible is None else jnp.where(visible, s, -jnp.inf)
-
-
-def _masked_scores_t(k, q, k_start, q_start, kv_segments, q_segments, st: _Static):
-  """S^T * log2(e) of one tile, [block_k, block_q]: keys are the rows.
-
-  The dK/dV kernel's products all have block_k rows this way (K Q^T, V dO^T,
-  dS^T Q, P^T dO), so with block_k >= 64 every one of them can be a Hopper
-  wgmma, whose M (rows) must be a multiple of 64.
-  """
-  s = _dot(k, q, 1, 1) * st.scale_log2
-  block_k, block_q = s.shape
-  visible = _visible(
-      q_start + jnp.arange(block_q)[None, :], k_start + jnp.arange(block_k)[:, None],
-      None if q_segments is None else q_segments[None, :],
-      None if kv_segments is None else kv_segments[:, None], block_k, st)
-  return s if visible is None else jnp.where(visible, s, -jnp.inf)
-
-
-def _kv_blocks_upper(q_start, block_q: int, block_k: int, st: _Static):
-  """One past the last key block that any of these query rows can see."""
-  last = pl.cdiv(st.kv_len, block_k)
-  if not st.causal:
-    return last
-  # ceil((q_start + block_q + offset) / block_k), clamped to [0, last].
-  visible_end = q_start + block_q + st.offset
-  upper = lax.div(jnp.maximum(visible_end, 0) + block_k - 1, block_k)
-  return jnp.minimum(upper, last)
-
-
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, block_q, block_k):
-  # q_ref [block_q, d]; k_ref, v_ref [kv_pad, d]; o_ref [block_q, d];
-  # lse_ref [block_q]; with segments: q_seg_ref [block_q], kv_seg_ref [kv_pad],
-  # range_ref [2] (the key blocks these rows' segments meet).
-  if st.has_segments:
-    q_seg_ref, kv_seg_ref, range_ref, o_ref, lse_ref = refs
-  else:
-    o_ref, lse_ref = refs
-  q_start = pl.program_id(0) * block_q
-  q = q_ref[...]
-  q_segments = q_seg_ref[...] if st.has_segments else None
-
-  def body(j, carry):
-    acc, m_prev, l_prev = carry
-    k_start = j * block_k
-    k = k_ref[pl.ds(k_start, block_k), :]
-    v = v_ref[pl.ds(k_start, block_k), :]
-    kv_segments = (kv_seg_ref[pl.ds(k_start, block_k)]
-                   if st.has_segments else None)
-    s = _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    # A row that has seen only hidden keys keeps m = -inf; shift it by 0
-    # instead so exp2 gives 0, not NaN.
-    m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    p = jnp.exp2(s - m_shift[:, None])
-    correction = jnp.exp2(m_prev - m_shift)
-    l_next = correction * l_prev + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
-    return acc, m_next, l_next
-
-  head_dim = q.shape[-1]
-  carry = (
-      jnp.zeros((block_q, head_dim), jnp.float32),
-      jnp.full((block_q,), -jnp.inf, jnp.float32),
-      jnp.zeros((block_q,), jnp.float32),
-  )
-  lower, upper = 0, _kv_blocks_upper(q_start, block_q, block_k, st)
-  if st.has_segments:
-    lower, upper = range_ref[0], jnp.minimum(upper, range_ref[1])
-  acc, m, l = lax.fori_loop(lower, upper, body, carry)
-  # Final rescaling (FlashAttention-2, Algorithm 1, line 12); empty rows -> 0.
-  empty = l == 0.0
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  # L = +inf on empty rows makes every recomputed P exactly 0 there.
-  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
-
-
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                st: _Static, block_q, block_k):
-  # q_ref, do_ref [q_pad, group, d]; lse_ref, delta_ref [group, q_pad];
-  # k_ref, v_ref, dk_ref, dv_ref [block_k, d]; with segments: q_seg_ref
-  # [q_pad], kv_seg_ref [block_k], range_ref [2] (query blocks they meet).
-  # Works on transposed tiles (S^T, P^T, dP^T, dS^T: [block_k, block_q]),
-  # so that every product has block_k rows (see _masked_scores_t).
-  if st.has_segments:
-    q_seg_ref, kv_seg_ref, range_ref, dk_ref, dv_ref = refs
-  else:
-    dk_ref, dv_ref = refs
-  k_start = pl.program_id(0) * block_k
-  k = k_ref[...]
-  v = v_ref[...]
-  kv_segments = kv_seg_ref[...] if st.has_segments else None
-
-  lower, upper = 0, pl.cdiv(st.q_len, block_q)
-  if st.causal:
-    # First query row that sees key k_start is k_start - offset.
-    lower = lax.div(jnp.maximum(k_start - st.offset, 0), block_q)
-  if st.has_segments:
-    lower = jnp.maximum(lower, range_ref[0])
-    upper = jnp.minimum(upper, range_ref[1])
-
-  def over_q_blocks(g, carry):
-    def body(i, carry):
-      dk, dv = carry
-      q_start = i * block_q
-      q = q_ref[pl.ds(q_start, block_q), g, :]
-      do = do_ref[pl.ds(q_start, block_q), g, :]
-      lse = lse_ref[g, pl.ds(q_start, block_q)]
-      delta = delta_ref[g, pl.ds(q_start, block_q)]
-      q_segments = (q_seg_ref[pl.ds(q_start, block_q)]
-                    if st.has_segments else None)
-      s_t = _masked_scores_t(k, q, k_start, q_start, kv_segments, q_segments, st)
-      p_t = jnp.exp2(s_t - lse[None, :])  # [block_k, block_q]
-      dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
-      dp_t = _dot(v, do, 1, 1)
-      ds_t = p_t * (dp_t - delta[None, :])
-      dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
-      return dk, dv
-
-    return lax.fori_loop(lower, upper, body, carry)
-
-  head_dim = k.shape[-1]
-  zeros = jnp.zeros((block_k, head_dim), jnp.float32)
-  dk, dv = lax.fori_loop(0, st.group, over_q_blocks, (zeros, zeros))
-  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               st: _Static, block_q, block_k):
-  # q_ref, do_ref, dq_ref [block_q, d]; k_ref, v_ref [kv_pad, d];
-  # lse_ref, delta_ref [block_q]; with segments: q_seg_ref [block_q],
-  # kv_seg_ref [kv_pad], range_ref [2] (key blocks these rows' segments meet).
-  if st.has_segments:
-    q_seg_ref, kv_seg_ref, range_ref, dq_ref = refs
-  else:
-    (dq_ref,) = refs
-  q_start = pl.program_id(0) * block_q
-  q = q_ref[...]
-  do = do_ref[...]
-  lse = lse_ref[...]
-  delta = delta_ref[...]
-  q_segments = q_seg_ref[...] if st.has_segments else None
-
-  def body(j, dq):
-    k_start = j * block_k
-    k = k_ref[pl.ds(k_start, block_k), :]
-    v = v_ref[pl.ds(k_start, block_k), :]
-    kv_segments = (kv_seg_ref[pl.ds(k_start, block_k)]
-                   if st.has_segments else None)
-    s = _masked_scores(q, k, q_start, k_start, q_segments, kv_segments, st)
-    p = jnp.exp2(s - lse[:, None])
-    ds = p * (_dot(do, v, 1, 1) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k, 1, 0)
-
-  lower, upper = 0, _kv_blocks_upper(q_start, block_q, block_k, st)
-  if st.has_segments:
-    lower, upper = range_ref[0], jnp.minimum(upper, range_ref[1])
-  dq = lax.fori_loop(lower, upper, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
-
-
-def _cost(q, k, st: _Static, passes: float) -> pl.CostEstimate:
+def _cost(q, k, st: Static, passes: float) -> pl.CostEstimate:
   b, nq, h, d = q.shape
   nk = k.shape[1]
   pairs = b * h * nq * nk * (0.5 if st.causal else 1.0)
@@ -295,7 +87,7 @@ def _segment_specs(segments, block_q: int, block_k: int, by_kv: bool):
   q_segments, kv_segments = segments
   q_pad, kv_pad = q_segments.shape[1], kv_segments.shape[1]
   kv_range, q_range = masking.segment_block_ranges(q_segments, kv_segments,
-                                           block_q, block_k)
+                                                   block_q, block_k)
   if by_kv:
     specs = [
         pl.BlockSpec((None, q_pad), lambda j, b, g: (b, 0)),
@@ -311,33 +103,84 @@ def _segment_specs(segments, block_q: int, block_k: int, by_kv: bool):
   return specs, [q_segments, kv_segments, kv_range]
 
 
-def _forward(q, k, v, segments, st: _Static):
-  """Pallas forward on padded inputs: (out [b, q_pad, h, d], lse [b, h, q_pad])."""
+def _variant_specs(extras, st: Static, block_q: int, block_k: int, by_kv: bool):
+  """BlockSpecs and arrays of the bias, mask and dropout seed of one kernel.
+
+  Bias and mask are [batch|1, heads|1, q_pad, kv_pad]; a broadcast axis is
+  indexed at 0, so it is never materialised.
+  """
+  specs, arrays = [], []
+  q_pad, kv_pad = extras.q_pad, extras.kv_pad
+  for array, layout in ((extras.bias, st.var.bias), (extras.mask, st.var.mask)):
+    if layout is None:
+      continue
+    per_batch, per_head = layout
+    if by_kv:
+      group = st.group
+      block = (None, group if per_head else None, q_pad, block_k)
+      index = lambda j, b, g, pb=per_batch, ph=per_head: (
+          b if pb else 0, g if ph else 0, 0, j)
+    else:
+      block = (None, None, block_q, kv_pad)
+      index = lambda i, b, h, pb=per_batch, ph=per_head: (
+          b if pb else 0, h if ph else 0, i, 0)
+    specs.append(pl.BlockSpec(block, index))
+    arrays.append(array)
+  if st.var.dropout_rate > 0.0:
+    specs.append(pl.BlockSpec((2,), lambda *_: (0,)))
+    arrays.append(extras.seed)
+  return specs, arrays
+
+
+class _Extras:
+  """The padded arrays of the variants (a pytree: residuals of the VJP)."""
+
+  def __init__(self, bias, mask, seed, q_pad: int, kv_pad: int):
+    self.bias, self.mask, self.seed = bias, mask, seed
+    self.q_pad, self.kv_pad = q_pad, kv_pad
+
+
+jax.tree_util.register_pytree_node(
+    _Extras,
+    lambda e: ((e.bias, e.mask, e.seed), (e.q_pad, e.kv_pad)),
+    lambda aux, children: _Extras(*children, *aux),
+)
+
+
+def _forward(q, k, v, segments, extras, st: Static):
+  """Pallas forward on padded inputs: (out [b, q_pad, h, dv], lse [b, h, q_pad]).
+
+  lse is in log2 units, +inf on rows that see no key.
+  """
   b, q_pad, h, d = q.shape
-  kv_pad = k.shape[1]
+  kv_pad, dv = k.shape[1], v.shape[3]
   block_q = clamp(st.blocks.block_q, st.q_len)
   block_k = clamp(st.blocks.block_k, st.kv_len)
   group = st.group
   in_specs = [
       pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0)),
       pl.BlockSpec((None, kv_pad, None, d), lambda i, b, h: (b, 0, h // group, 0)),
-      pl.BlockSpec((None, kv_pad, None, d), lambda i, b, h: (b, 0, h // group, 0)),
+      pl.BlockSpec((None, kv_pad, None, dv), lambda i, b, h: (b, 0, h // group, 0)),
   ]
   args = [q, k, v]
   if st.has_segments:
     specs, arrays = _segment_specs(segments, block_q, block_k, by_kv=False)
     in_specs += specs
     args += arrays
+  specs, arrays = _variant_specs(extras, st, block_q, block_k, by_kv=False)
+  in_specs += specs
+  args += arrays
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, block_q=block_q, block_k=block_k),
+      functools.partial(pallas_tiles.fwd_kernel, st=st, block_q=block_q,
+                        block_k=block_k),
       grid=(q_pad // block_q, b, h),
       in_specs=in_specs,
       out_specs=[
-          pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0)),
+          pl.BlockSpec((None, block_q, None, dv), lambda i, b, h: (b, i, h, 0)),
           pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((b, q_pad, h, dv), q.dtype),
           jax.ShapeDtypeStruct((b, h, q_pad), jnp.float32),
       ],
       compiler_params=_compiler_params(st.blocks.num_warps_fwd,
@@ -348,31 +191,40 @@ def _forward(q, k, v, segments, st: _Static):
   )(*args)
 
 
-def _backward(q, k, v, segments, out, lse, do, st: _Static):
-  """Pallas backward on padded inputs: (dq, dk, dv)."""
+def _backward(q, k, v, segments, extras, out, lse, do, dlse, st: Static):
+  """Pallas backward on padded inputs: (dq, dk, dv, d bias or None)."""
   b, q_pad, h, d = q.shape
-  kv_pad, hkv = k.shape[1], k.shape[2]
+  kv_pad, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   group = st.group
   # D = rowsum(dO * O), FlashAttention-2 Algorithm 2 line 4: O(N d), no kernel needed.
   delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32),
                      out.astype(jnp.float32))
+  if dlse is not None:
+    # d lse_i / d x_ij = P_ij, so dS = P (dP - D) + P dlse = P (dP - (D - dlse)).
+    delta = delta - dlse
 
   block_q = clamp(st.blocks.block_q_dkv, st.q_len)
   block_k = clamp(st.blocks.block_k_dkv, st.kv_len)
   q_group = pl.BlockSpec((None, q_pad, group, d), lambda j, b, g: (b, 0, g, 0))
+  do_group = pl.BlockSpec((None, q_pad, group, dv), lambda j, b, g: (b, 0, g, 0))
   row_group = pl.BlockSpec((None, group, q_pad), lambda j, b, g: (b, g, 0))
-  kv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, g: (b, j, g, 0))
-  in_specs = [q_group, kv_block, kv_block, q_group, row_group, row_group]
+  k_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, g: (b, j, g, 0))
+  v_block = pl.BlockSpec((None, block_k, None, dv), lambda j, b, g: (b, j, g, 0))
+  in_specs = [q_group, k_block, v_block, do_group, row_group, row_group]
   args = [q, k, v, do, lse, delta]
   if st.has_segments:
     specs, arrays = _segment_specs(segments, block_q, block_k, by_kv=True)
     in_specs += specs
     args += arrays
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, st=st, block_q=block_q, block_k=block_k),
+  specs, arrays = _variant_specs(extras, st, block_q, block_k, by_kv=True)
+  in_specs += specs
+  args += arrays
+  dk, dv_ = pl.pallas_call(
+      functools.partial(pallas_tiles.dkv_kernel, st=st, block_q=block_q,
+                        block_k=block_k),
       grid=(kv_pad // block_k, b, hkv),
       in_specs=in_specs,
-      out_specs=[kv_block, kv_block],
+      out_specs=[k_block, v_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compiler_params(st.blocks.num_warps_bwd,
@@ -385,17 +237,24 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
   block_q = clamp(st.blocks.block_q_dq, st.q_len)
   block_k = clamp(st.blocks.block_k_dq, st.kv_len)
   q_block = pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0))
-  kv_full = pl.BlockSpec((None, kv_pad, None, d),
-                         lambda i, b, h: (b, 0, h // group, 0))
+  do_block = pl.BlockSpec((None, block_q, None, dv), lambda i, b, h: (b, i, h, 0))
+  k_full = pl.BlockSpec((None, kv_pad, None, d),
+                        lambda i, b, h: (b, 0, h // group, 0))
+  v_full = pl.BlockSpec((None, kv_pad, None, dv),
+                        lambda i, b, h: (b, 0, h // group, 0))
   row_block = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
-  in_specs = [q_block, kv_full, kv_full, q_block, row_block, row_block]
+  in_specs = [q_block, k_full, v_full, do_block, row_block, row_block]
   args = [q, k, v, do, lse, delta]
   if st.has_segments:
     specs, arrays = _segment_specs(segments, block_q, block_k, by_kv=False)
     in_specs += specs
     args += arrays
+  specs, arrays = _variant_specs(extras, st, block_q, block_k, by_kv=False)
+  in_specs += specs
+  args += arrays
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, st=st, block_q=block_q, block_k=block_k),
+      functools.partial(pallas_tiles.dq_kernel, st=st, block_q=block_q,
+                        block_k=block_k),
       grid=(q_pad // block_q, b, h),
       in_specs=in_specs,
       out_specs=q_block,
@@ -407,23 +266,86 @@ def _backward(q, k, v, segments, out, lse, do, st: _Static):
       interpret=st.interpret,
       name="fusedlm_flash_bwd_dq",
   )(*args)
-  return dq, dk, dv
+  dbias = None
+  if st.var.bias is not None:
+    dbias = _dbias(q, k, v, segments, extras, lse, delta, do, st)
+  return dq, dk, dv_, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segments, st: _Static):
-  return _forward(q, k, v, segments, st)[0]
+def _dbias(q, k, v, segments, extras, lse, delta, do, st: Static):
+  """d bias = dS, one [block_q_dq, block_k_dq] tile per program, summed over
+  the axes the bias broadcasts: [batch|1, heads|1, q_pad, kv_pad] float32."""
+  b, q_pad, h, d = q.shape
+  kv_pad, dv = k.shape[1], v.shape[3]
+  group = st.group
+  block_q = clamp(st.blocks.block_q_dq, st.q_len)
+  block_k = clamp(st.blocks.block_k_dq, st.kv_len)
+  q_tile = pl.BlockSpec((None, block_q, None, d),
+                        lambda i, j, bh: (bh // h, i, bh % h, 0))
+  do_tile = pl.BlockSpec((None, block_q, None, dv),
+                         lambda i, j, bh: (bh // h, i, bh % h, 0))
+  k_tile = pl.BlockSpec((None, block_k, None, d),
+                        lambda i, j, bh: (bh // h, j, (bh % h) // group, 0))
+  v_tile = pl.BlockSpec((None, block_k, None, dv),
+                        lambda i, j, bh: (bh // h, j, (bh % h) // group, 0))
+  row = pl.BlockSpec((None, None, block_q), lambda i, j, bh: (bh // h, bh % h, i))
+  in_specs = [q_tile, k_tile, v_tile, do_tile, row, row]
+  args = [q, k, v, do, lse, delta]
+  if st.has_segments:
+    in_specs += [pl.BlockSpec((None, block_q), lambda i, j, bh: (bh // h, i)),
+                 pl.BlockSpec((None, block_k), lambda i, j, bh: (bh // h, j))]
+    args += list(segments)
+  for array, layout in ((extras.bias, st.var.bias), (extras.mask, st.var.mask)):
+    if layout is not None:
+      in_specs.append(pl.BlockSpec(
+          (None, None, block_q, block_k),
+          lambda i, j, bh, pb=layout[0], ph=layout[1]: (
+              bh // h if pb else 0, bh % h if ph else 0, i, j)))
+      args.append(array)
+  if st.var.dropout_rate > 0.0:
+    in_specs.append(pl.BlockSpec((2,), lambda *_: (0,)))
+    args.append(extras.seed)
+  ds = pl.pallas_call(
+      functools.partial(pallas_tiles.dbias_kernel, st=st, num_heads=h),
+      grid=(q_pad // block_q, kv_pad // block_k, b * h),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, block_q, block_k),
+                             lambda i, j, bh: (bh // h, bh % h, i, j)),
+      out_shape=jax.ShapeDtypeStruct((b, h, q_pad, kv_pad), jnp.float32),
+      compiler_params=_compiler_params(
+          st.blocks.num_warps_dq or st.blocks.num_warps_bwd, 1),
+      interpret=st.interpret,
+      name="fusedlm_flash_bwd_dbias",
+  )(*args)
+  per_batch, per_head = st.var.bias
+  axes = tuple(a for a, keep in ((0, per_batch), (1, per_head)) if not keep)
+  ds = jnp.sum(ds, axis=axes, keepdims=True) if axes else ds
+  return ds.astype(extras.bias.dtype)
 
 
-def _flash_fwd(q, k, v, segments, st: _Static):
-  out, lse = _forward(q, k, v, segments, st)
-  return out, (q, k, v, segments, out, lse)
+def _lse_out(lse):
+  """The kernels' log2-unit lse (+inf: no key) as natural log (-inf: no key)."""
+  return jnp.where(jnp.isinf(lse), -jnp.inf, lse * LN2)
 
 
-def _flash_bwd(st: _Static, residuals, do):
-  q, k, v, segments, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, segments, out, lse, do, st)
-  return dq, dk, dv, None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, segments, extras, st: Static):
+  out, lse = _forward(q, k, v, segments, extras, st)
+  return (out, _lse_out(lse)) if st.var.return_lse else out
+
+
+def _flash_fwd(q, k, v, segments, extras, st: Static):
+  out, lse = _forward(q, k, v, segments, extras, st)
+  primal = (out, _lse_out(lse)) if st.var.return_lse else out
+  return primal, (q, k, v, segments, extras, out, lse)
+
+
+def _flash_bwd(st: Static, residuals, cotangent):
+  q, k, v, segments, extras, out, lse = residuals
+  do, dlse = cotangent if st.var.return_lse else (cotangent, None)
+  dq, dk, dv, dbias = _backward(q, k, v, segments, extras, out, lse, do, dlse, st)
+  dextras = _Extras(dbias, None, None, extras.q_pad, extras.kv_pad)
+  return dq, dk, dv, None, dextras
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -439,26 +361,38 @@ def _pad_axis(x, axis: int, size: int, value=0):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("causal", "scale", "block_sizes", "interpret"),
+    static_argnames=("causal", "scale", "block_sizes", "interpret",
+                     "causal_alignment", "local_window_size", "logits_soft_cap",
+                     "dropout_rate", "return_lse"),
 )
 def flash_attention(
     q,  # [batch, q_len, num_heads, head_dim]
     k,  # [batch, kv_len, num_kv_heads, head_dim]
-    v,  # [batch, kv_len, num_kv_heads, head_dim]
+    v,  # [batch, kv_len, num_kv_heads, v_head_dim]
     *,
     causal: bool = False,
     scale: float | None = None,
     key_padding_mask=None,  # [batch, kv_len] bool, True = attend
     segment_ids=None,  # [batch, q_len] int
     kv_segment_ids=None,  # [batch, kv_len] int; defaults to segment_ids
+    bias=None,  # [batch|1, num_heads|1, q_len|1, kv_len|1] float
+    mask=None,  # [batch|1, num_heads|1, q_len|1, kv_len|1] bool, True = attend
+    causal_alignment: str = "bottom_right",
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,  # a jax.random key; needed when dropout_rate > 0
+    return_lse: bool = False,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
-) -> jax.Array:  # [batch, q_len, num_heads, head_dim], q.dtype
-  """Fused attention through the Pallas kernels, differentiable in q, k, v.
+):  # out [batch, q_len, num_heads, v_head_dim], q.dtype; with return_lse
+    # also lse [batch, num_heads, q_len] float32
+  """Fused attention through the Pallas kernels, differentiable in q, k, v, bias.
 
-  Mask semantics are those of `kernels.masking`. `interpret=True` runs the
-  kernels in Pallas' interpreter (any backend, e.g. CPU); otherwise they are
-  compiled through Triton, which needs an NVIDIA GPU.
+  Mask semantics are those of `kernels.masking`, the variants' those of
+  `kernels.variants`. `interpret=True` runs the kernels in Pallas'
+  interpreter (any backend, e.g. CPU); otherwise they are compiled through
+  Triton, which needs an NVIDIA GPU.
   """
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError(
@@ -470,15 +404,21 @@ def flash_attention(
     triton_notice.notice_once()
   return attention_any_backend(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, bias=bias,
+      mask=mask, causal_alignment=causal_alignment,
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_lse=return_lse,
       block_sizes=block_sizes, interpret=interpret,
   )
 
 
 def attention_any_backend(q, k, v, *, causal=False, scale=None,
                           key_padding_mask=None, segment_ids=None,
-                          kv_segment_ids=None, block_sizes=None,
-                          interpret=False):
+                          kv_segment_ids=None, bias=None, mask=None,
+                          causal_alignment="bottom_right",
+                          local_window_size=None, logits_soft_cap=None,
+                          dropout_rate=0.0, dropout_rng=None, return_lse=False,
+                          block_sizes=None, interpret=False):
   """`flash_attention` without its backend check, unjitted.
 
   For lowering the Triton kernels for a GPU on a machine without one
@@ -488,13 +428,24 @@ def attention_any_backend(q, k, v, *, causal=False, scale=None,
   segments = masking.segments_from_masks(
       shape, key_padding_mask, segment_ids, kv_segment_ids
   )
+  bias, bias_layout = variants.check_broadcast("bias", bias, shape, boolean=False)
+  mask, mask_layout = variants.check_broadcast("mask", mask, shape, boolean=True)
+  var = variants.Variants(
+      window=variants.check_window(local_window_size),
+      soft_cap=variants.check_soft_cap(logits_soft_cap),
+      dropout_rate=variants.check_dropout(dropout_rate, dropout_rng),
+      bias=bias_layout, mask=mask_layout, return_lse=bool(return_lse),
+  )
+  offset = variants.alignment_offset(shape, causal_alignment)
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(shape.head_dim, q.dtype)
+    block_sizes = BlockSizes.get_default(max(shape.head_dim, shape.v_head_dim),
+                                         q.dtype)
   elif not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}.")
   head_pad = padded_head_dim(shape.head_dim)
-  check_fits(block_sizes, head_pad, q.dtype.itemsize)
-  st = _Static(
+  v_head_pad = padded_head_dim(shape.v_head_dim)
+  check_fits(block_sizes, max(head_pad, v_head_pad), q.dtype.itemsize)
+  st = Static(
       scale=masking.default_scale(shape.head_dim, scale),
       causal=bool(causal),
       q_len=shape.q_len,
@@ -503,10 +454,12 @@ def attention_any_backend(q, k, v, *, causal=False, scale=None,
       has_segments=segments is not None,
       blocks=block_sizes,
       interpret=bool(interpret),
+      offset=offset,
+      var=var,
   )
   bs = block_sizes
   # Blocks are powers of two, so the largest of each side is a multiple of
-  # the others: one padded length serves all three kernels.
+  # the others: one padded length serves all the kernels.
   q_block = max(
       clamp(b, shape.q_len) for b in (bs.block_q, bs.block_q_dkv, bs.block_q_dq))
   q_pad = pl.cdiv(shape.q_len, q_block) * q_block
@@ -516,12 +469,21 @@ def attention_any_backend(q, k, v, *, causal=False, scale=None,
 
   qp = _pad_axis(_pad_axis(q, 3, head_pad), 1, q_pad)
   kp = _pad_axis(_pad_axis(k, 3, head_pad), 1, kv_pad)
-  vp = _pad_axis(_pad_axis(v, 3, head_pad), 1, kv_pad)
+  vp = _pad_axis(_pad_axis(v, 3, v_head_pad), 1, kv_pad)
   if segments is not None:
     q_segments, kv_segments = segments
     segments = (
         _pad_axis(q_segments, 1, q_pad),
         _pad_axis(kv_segments, 1, kv_pad, value=masking.PAD_SEGMENT),
     )
-  out = _flash(qp, kp, vp, segments, st)
-  return out[:, : shape.q_len, :, : shape.head_dim]
+  pad_lengths = lambda x: _pad_axis(_pad_axis(x, 2, q_pad), 3, kv_pad)
+  extras = _Extras(
+      None if bias is None else pad_lengths(bias),
+      # int8: nonzero = attend; padded rows and keys are hidden.
+      None if mask is None else pad_lengths(mask.astype(jnp.int8)),
+      None if var.dropout_rate == 0.0 else variants.seed_words(dropout_rng),
+      q_pad, kv_pad)
+  result = _flash(qp, kp, vp, segments, extras, st)
+  out, lse = result if var.return_lse else (result, None)
+  out = out[:, : shape.q_len, :, : shape.v_head_dim]
+  return out if lse is None else (out, lse[:, :, : shape.q_len])

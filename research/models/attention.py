@@ -7,6 +7,10 @@ encoder output instead, unrotated, and can be handed them precomputed.
 Which keys a query sees is described by an `AttentionMask` in the terms of
 `kernels.masking` (bottom-right causal, key padding, segment ids).
 
+The config's attention variants go to the kernel entry point too: dropout
+on the attention probabilities (training only), a sliding window, the logit
+soft-cap, and with position="relative" T5's relative position bias.
+
 Two modes, chosen by whether a cache is passed:
   * no cache (training, encoding, prefill): attend over this call's own keys
     and return them, so the decoder can store a prompt's keys after prefill;
@@ -92,6 +96,58 @@ def _output_projection(cfg: ModelConfig, std: float) -> nn.DenseGeneral:
       name="out")
 
 
+def relative_position_buckets(
+    relative,  # [...] int: key position - query position
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> jax.Array:  # [...] int32 in [0, num_buckets)
+  """T5's buckets of relative positions (Raffel et al. 2020, section 2.1).
+
+  Half the buckets (of each direction, if bidirectional) hold one distance
+  each; the rest grow logarithmically up to max_distance, past which all
+  distances share the last bucket. Unidirectional (a decoder) folds every
+  key after the query into bucket 0, as T5 does.
+  """
+  buckets = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = jnp.where(relative > 0, num_buckets, 0)
+    distance = jnp.abs(relative)
+  else:
+    distance = jnp.maximum(-relative, 0)
+  exact = num_buckets // 2
+  far = exact + (
+      jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact)
+      / jnp.log(max_distance / exact) * (num_buckets - exact)).astype(jnp.int32)
+  far = jnp.minimum(far, num_buckets - 1)
+  return (buckets + jnp.where(distance < exact, distance, far)).astype(jnp.int32)
+
+
+class RelativePositionBias(nn.Module):
+  """A learned bias per head and relative-position bucket (T5).
+
+  Returns [batch, num_heads, q_len, kv_len] float32 for the kernel's `bias`;
+  usable by any attention layer (self- or cross-) that knows both positions.
+  """
+
+  num_heads: int
+  num_buckets: int
+  max_distance: int
+  bidirectional: bool
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_positions, kv_positions):  # [batch, q_len], [batch, kv_len]
+    table = self.param("embedding", nn.initializers.normal(INIT_STD),
+                       (self.num_buckets, self.num_heads), self.param_dtype)
+    relative = kv_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S]
+    buckets = relative_position_buckets(
+        relative, self.bidirectional, self.num_buckets, self.max_distance)
+    bias = jnp.take(table, buckets, axis=0).astype(jnp.float32)  # [B, T, S, H]
+    return jnp.transpose(bias, (0, 3, 1, 2))
+
+
 class SelfAttention(nn.Module):
   """Grouped-query self-attention; returns (output [B, T, hidden], LayerCache)."""
 
@@ -106,7 +162,11 @@ class SelfAttention(nn.Module):
       mask: AttentionMask,
       cache: LayerCache | None = None,  # [batch, slots, ...] for decoding
       cache_index=None,  # [batch] int: first slot this call writes
+      deterministic: bool | None = None,
   ):
+    """deterministic: no attention dropout. None: dropout exactly when the
+    caller gave a "dropout" RNG stream, which research.steps' train step does
+    (with deterministic=False) and evaluation and decoding do not."""
     cfg = self.cfg
     q = _heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, H, D]
     k = _heads_projection(cfg, cfg.kv_heads, "key")(x)  # [B, T, Hkv, D]
@@ -117,6 +177,32 @@ class SelfAttention(nn.Module):
     kv = LayerCache(k, v)
     if cache is not None:
       kv = cache.write(k, v, cache_index)
+    # Cache slot j holds position j; without a cache the keys are this call's.
+    kv_positions = positions if cache is None else jnp.broadcast_to(
+        jnp.arange(kv.keys.shape[1]), (x.shape[0], kv.keys.shape[1]))
+    variants = {}
+    if cfg.position == "relative":
+      variants["bias"] = RelativePositionBias(
+          cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
+          bidirectional=not mask.causal and cache is None,
+          param_dtype=cfg.params_dtype, name="relative_bias",
+      )(positions, kv_positions)
+    if cfg.sliding_window:
+      reach = cfg.sliding_window - 1
+      if cache is None:
+        variants["local_window_size"] = (reach, reach)
+      else:
+        # Decoding: rows stand at different positions, so the window is a
+        # mask of the cache slots from each row's position back.
+        variants["mask"] = (kv_positions[:, None, None, :]
+                            >= positions[:, None, :, None] - reach)
+    if cfg.attention_soft_cap:
+      variants["logits_soft_cap"] = cfg.attention_soft_cap
+    if deterministic is None:
+      deterministic = not self.has_rng("dropout")
+    if cfg.attention_dropout and not deterministic:
+      variants["dropout_rate"] = cfg.attention_dropout
+      variants["dropout_rng"] = self.make_rng("dropout")
     out = kernels.dot_product_attention(
         q, kv.keys, kv.values,
         causal=mask.causal,
@@ -124,6 +210,7 @@ class SelfAttention(nn.Module):
         segment_ids=mask.segment_ids,
         kv_segment_ids=mask.kv_segment_ids,
         implementation=cfg.attention,
+        **variants,
     )  # [B, T, H, D]
     return _output_projection(cfg, self.out_init_std)(out), kv
 

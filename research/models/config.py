@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from kernels import IMPLEMENTATIONS
 
 KINDS = ("encoder", "decoder", "encoder_decoder")
-POSITIONS = ("learned", "rotary")
+POSITIONS = ("learned", "rotary", "relative")
 NORMS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,10 +48,16 @@ class ModelConfig:
   # Longest sequence: rows of the learned position table, cap of the KV cache.
   # Encoder-decoder: the longest source and the longest target, each.
   max_len: int = 256
-  # "learned" absolute position embeddings or "rotary" (RoPE on q and k).
+  # "learned" absolute position embeddings, "rotary" (RoPE on q and k) or
+  # "relative": T5's learned relative position bias, added to the attention
+  # scores of every layer (each layer its own table), no position embedding.
   position: str = "learned"
-  # Base of the rotary frequencies (RoFormer: 10000); unused for "learned".
+  # Base of the rotary frequencies (RoFormer: 10000); unused otherwise.
   rotary_base: float = 10_000.0
+  # position="relative": buckets of key-query distances (T5: 32), and the
+  # distance from which buckets stop growing (T5: 128). Unused otherwise.
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
   # "pre": x + f(LN(x)), final LN (GPT-2). "post": LN(x + f(x)), LN on the
   # embeddings (original BERT).
   norm: str = "pre"
@@ -59,10 +65,16 @@ class ModelConfig:
   activation: str = "gelu"
   # Dropout on embeddings and on each sublayer's output before the residual add.
   dropout: float = 0.0
-  # Dropout on attention probabilities. Must be 0.0: attention runs through
-  # kernels.dot_product_attention, and none of its implementations (the fused
-  # Pallas kernel, xla, cudnn) applies dropout inside attention.
+  # Dropout on attention probabilities (BERT, GPT-2: 0.1), in training only;
+  # the "pallas" and "xla" implementations apply it inside attention with the
+  # same random bits, "cudnn" refuses it.
   attention_dropout: float = 0.0
+  # Local attention: a query sees keys at most sliding_window - 1 positions
+  # away (a decoder: the last sliding_window keys, itself included, as
+  # Mistral); 0 = every key. The fused kernel skips the blocks outside it.
+  sliding_window: int = 0
+  # Gemma 2's logit soft-cap: scores become c * tanh(scores / c); 0.0 = none.
+  attention_soft_cap: float = 0.0
   # Epsilon of every LayerNorm (GPT-2: 1e-5, BERT: 1e-12).
   layer_norm_eps: float = 1e-5
   # Encoder: rows of the token-type (segment A/B) embedding. Decoder: unused.
@@ -136,8 +148,10 @@ class ModelConfig:
 
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
-               "max_len", "type_vocab_size", "num_labels")
-_FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps")
+               "max_len", "type_vocab_size", "num_labels", "sliding_window",
+               "relative_buckets", "relative_max_distance")
+_FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps",
+                 "attention_soft_cap")
 _BOOL_FIELDS = ("remat", "mlm", "nsp", "share_embeddings")
 _CHOICES = {
     "kind": KINDS,
@@ -166,7 +180,7 @@ def _validate(cfg: ModelConfig):
     value = getattr(cfg, name)
     if not _is_int(value):
       raise ValueError(f"ModelConfig.{name} must be an int, got {value!r}.")
-    least = 0 if name == "num_labels" else 1
+    least = 0 if name in ("num_labels", "sliding_window") else 1
     if value < least:
       raise ValueError(f"ModelConfig.{name} must be >= {least}, got {value}.")
   for name in _FLOAT_FIELDS:
@@ -202,14 +216,23 @@ def _validate(cfg: ModelConfig):
         " must be even.")
   if not 0.0 <= cfg.dropout < 1.0:
     raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {cfg.dropout}.")
-  if cfg.attention_dropout != 0.0:
+  if not 0.0 <= cfg.attention_dropout < 1.0:
     raise ValueError(
-        f"attention_dropout={cfg.attention_dropout} is not supported: attention"
-        " runs through the fused kernel entry point kernels.dot_product_attention"
-        f" (attention={cfg.attention!r}), and none of its implementations"
-        f" ({', '.join(IMPLEMENTATIONS)}) applies dropout to attention"
-        " probabilities. Set attention_dropout=0.0 (hidden dropout still"
-        " applies).")
+        f"ModelConfig.attention_dropout must be in [0, 1), got"
+        f" {cfg.attention_dropout}.")
+  if cfg.attention_soft_cap < 0.0:
+    raise ValueError(
+        f"ModelConfig.attention_soft_cap must be >= 0 (0 = none), got"
+        f" {cfg.attention_soft_cap}.")
+  variants = [name for name, on in (
+      ("attention_dropout", cfg.attention_dropout > 0.0),
+      ("sliding_window", cfg.sliding_window > 0),
+      ("attention_soft_cap", cfg.attention_soft_cap > 0.0),
+      ("position='relative'", cfg.position == "relative")) if on]
+  if cfg.attention == "cudnn" and variants:
+    raise ValueError(
+        f"attention='cudnn' does not take {', '.join(variants)}; use"
+        " attention='pallas', 'xla' or 'auto'.")
   if cfg.layer_norm_eps <= 0.0:
     raise ValueError(
         f"ModelConfig.layer_norm_eps must be > 0, got {cfg.layer_norm_eps}.")
@@ -238,8 +261,8 @@ def bert_base(**overrides) -> ModelConfig:
   return ModelConfig(
       kind="encoder", vocab_size=30522, hidden_size=768, num_layers=12,
       num_heads=12, mlp_dim=3072, max_len=512, position="learned", norm="post",
-      activation="gelu", dropout=0.1, layer_norm_eps=1e-12, type_vocab_size=2,
-      mlm=True, nsp=True,
+      activation="gelu", dropout=0.1, attention_dropout=0.1,
+      layer_norm_eps=1e-12, type_vocab_size=2, mlm=True, nsp=True,
   ).replace(**overrides)
 
 

@@ -45,7 +45,7 @@ BAD_INPUTS = [
     (dict(k=jnp.ones((2, 8, 2, 16)), v=jnp.ones((2, 8, 2, 16))), "head_dim mismatch"),
     (dict(k=jnp.ones((2, 8, 3, 32)), v=jnp.ones((2, 8, 3, 32))),
      r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
-    (dict(v=jnp.ones((2, 9, 2, 32))), "k and v shapes differ"),
+    (dict(v=jnp.ones((2, 9, 2, 32))), "k and v must share"),
     (dict(q=jnp.ones((2, 8, 4, 32), jnp.int32), k=jnp.ones((2, 8, 2, 32), jnp.int32),
           v=jnp.ones((2, 8, 2, 32), jnp.int32)), "unsupported dtype int32"),
     (dict(q=jnp.ones((2, 8, 4, 32), jnp.bfloat16)), "must share one dtype"),

@@ -53,14 +53,20 @@ def test_bad_values_are_named(changes, message):
     ModelConfig.from_dict(changes)
 
 
-@pytest.mark.parametrize("attention", ["auto", "pallas", "xla", "cudnn"])
-def test_attention_dropout_is_refused_naming_the_kernel(attention):
-  with pytest.raises(ValueError) as error:
-    ModelConfig(attention_dropout=0.1, attention=attention)
-  message = str(error.value)
-  assert "attention_dropout=0.1" in message
-  assert "kernels.dot_product_attention" in message
-  assert repr(attention) in message
+@pytest.mark.parametrize("changes, message", [
+    (dict(attention_dropout=1.0), r"attention_dropout must be in \[0, 1\)"),
+    (dict(attention_soft_cap=-1.0), "attention_soft_cap must be >= 0"),
+    (dict(sliding_window=-2), "sliding_window must be >= 0"),
+    (dict(attention="cudnn", attention_dropout=0.1, sliding_window=8),
+     "attention='cudnn' does not take attention_dropout, sliding_window"),
+])
+def test_attention_variant_values_are_checked(changes, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**changes)
+
+
+def test_bert_base_keeps_the_original_attention_dropout():
+  assert model_config.presets["bert_base"]().attention_dropout == 0.1
 
 
 def test_derived_sizes():
