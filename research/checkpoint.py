@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from research import checksums, models, run_config
+from research import checksums, models, parallel, run_config
 from research.data import Tokenizer, load_tokenizer
 from research.models.config import ModelConfig
 
@@ -78,8 +78,13 @@ class Checkpointer:
     self.directory = self.workdir / CHECKPOINT_DIR
     self.keep = keep
     self.directory.mkdir(parents=True, exist_ok=True)
-    for leftover in self.directory.glob(f"*{_DELETING}"):
-      shutil.rmtree(leftover, ignore_errors=True)
+    # Every process opens the manager (Orbax saves are collective); only
+    # process 0 changes the folder, and the others wait for it (barrier).
+    self.primary = parallel.is_primary()
+    if self.primary:
+      for leftover in self.directory.glob(f"*{_DELETING}"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    parallel.barrier("fusedlm:checkpoint-open")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -140,9 +145,11 @@ class Checkpointer:
       except checksums.DamagedCheckpointError as e:
         damaged.append(step)
         aside = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(self.directory / str(step), aside)
+        if self.primary:
+          os.replace(self.directory / str(step), aside)
+        parallel.barrier(f"fusedlm:checkpoint-damaged-{step}")
         self.manager.reload()
-        if progress:
+        if progress and self.primary:
           print(f"{e}; moved it to {aside.name} and falling back to the next newest"
                 " checkpoint", file=sys.stderr)
         continue
@@ -163,13 +170,15 @@ class Checkpointer:
     """Waits for a save in flight, checksums finished steps, prunes to `keep`."""
     self.manager.wait_until_finished()
     steps = self.all_steps()
-    for step in steps:
-      if not checksums.has_manifest(self.directory / str(step)):
-        checksums.write_manifest(self.directory / str(step))
-    for step in steps[:-self.keep]:
-      aside = self.directory / f"{step}{_DELETING}"
-      os.replace(self.directory / str(step), aside)  # out of the listing first
-      shutil.rmtree(aside)
+    if self.primary:
+      for step in steps:
+        if not checksums.has_manifest(self.directory / str(step)):
+          checksums.write_manifest(self.directory / str(step))
+      for step in steps[:-self.keep]:
+        aside = self.directory / f"{step}{_DELETING}"
+        os.replace(self.directory / str(step), aside)  # out of the listing first
+        shutil.rmtree(aside)
+    parallel.barrier("fusedlm:checkpoint-finish")
     if len(steps) > self.keep:
       self.manager.reload()
 

@@ -93,6 +93,29 @@ def _override_message(error: Exception) -> str:
   return " ".join(text.split())
 
 
+def define_distributed_flags() -> None:
+  """--coordinator / --num_processes / --process_id / --distributed, for commands
+  that train on several processes (research.train, research.finetune)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process"
+                      " run (every process gets the same value)")
+  flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator)")
+  flags.DEFINE_integer("process_id", None, "this process, 0 .. num_processes-1")
+  flags.DEFINE_integer("coordinator_timeout", 300, "seconds to wait for the coordinator"
+                       " and the other processes before giving up")
+  flags.DEFINE_bool("distributed", False, "join a multi-process run found by JAX's cluster"
+                    " auto-detection (SLURM, Cloud TPU, ...) instead of --coordinator")
+
+
+def start_distributed() -> None:
+  """Joins the multi-process run the flags describe (nothing without them)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from research import parallel  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  parallel.initialize(f.coordinator, f.num_processes, f.process_id,
+                      f.coordinator_timeout, auto=f.distributed)
+
+
 def write_json(record, path) -> Path:
   """Writes `record` as JSON to `path` atomically: a reader never sees half a file."""
   path = Path(path)

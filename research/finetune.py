@@ -47,6 +47,7 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
 def _main():
   from absl import flags  # Parsed in __main__ only: importing stays flag-free.
   f = flags.FLAGS
+  command_line.start_distributed()
   result = finetune(f.config, f.workdir, f.init_from)
   metrics = result["eval"]
   print(f"held-out accuracy {metrics.get('accuracy', float('nan')):.4f}, macro-F1"
@@ -61,5 +62,6 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("init_from", None, "the pretrained run's workdir (or config.init_from)")
   flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
+  command_line.define_distributed_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   command_line.run(_main, "research.finetune")

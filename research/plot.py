@@ -46,6 +46,9 @@ _PANELS = (
     _Panel("NSP accuracy", "nsp_accuracy", "accuracy"),
     _Panel("macro F1", "macro_f1", "macro F1"),
     _Panel("learning rate", "learning_rate", "learning rate", ("train",)),
+    _Panel("gradient norm", "grad_norm", "global norm", ("train",)),
+    _Panel("update norm", "update_norm", "global norm", ("train",)),
+    _Panel("parameter norm", "param_norm", "global norm", ("train",)),
     _Panel("throughput", "tokens_per_second", "tokens / s", ("train",)),
 )
 

@@ -82,6 +82,7 @@ def _train_section() -> ml_collections.ConfigDict:
   t.log_every = 50  # steps per train log row
   t.eval_every = 500  # steps between validation passes (and at the end)
   t.eval_batches = 16  # validation batches per pass (0 = all)
+  t.profile_steps = 0  # > 0: a jax.profiler trace of this many steps into DIR/profile
   return t
 
 

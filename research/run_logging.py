@@ -65,12 +65,17 @@ class RunLogger:
 
   def __init__(self, workdir, total_steps: int, start_step: int, tokens_per_step: int,
                flops_per_token: float, peak: float | None, num_devices: int,
-               progress: bool = True):
-    from tensorboardX import SummaryWriter  # Imported late: slow to import.
+               progress: bool = True, write: bool = True):
+    """write=False (every process but 0 of a multi-process run): no files, no
+    progress line; the calls still work."""
     self.workdir = Path(workdir)
-    truncate_metrics(self.workdir, start_step)
-    self.jsonl = open(self.workdir / METRICS_FILE, "a")
-    self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    self.jsonl = self.tb = None
+    if write:
+      from tensorboardX import SummaryWriter  # Imported late: slow to import.
+      truncate_metrics(self.workdir, start_step)
+      self.jsonl = open(self.workdir / METRICS_FILE, "a")
+      self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    progress = progress and write
     self.total, self.start = total_steps, start_step
     self.tokens_per_step = tokens_per_step
     self.flops_per_token, self.peak, self.devices = flops_per_token, peak, num_devices
@@ -97,6 +102,8 @@ class RunLogger:
     return until - self._last_t - paused
 
   def write(self, step: int, split: str, values: dict) -> None:
+    if self.jsonl is None:
+      return
     row = {"step": step, "split": split, **values}
     self.jsonl.write(json.dumps(row) + "\n")
     self.jsonl.flush()
@@ -133,8 +140,41 @@ class RunLogger:
   def close(self) -> None:
     if self.progress:
       sys.stderr.write("\n")
-    self.jsonl.close()
-    self.tb.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
+      self.tb.close()
+
+
+class StepProfiler:
+  """A jax.profiler trace of `steps` training steps into DIR/profile/process_<i>
+  (TensorBoard's profile plugin reads it), starting two steps after `start`
+  so the compile is not in it. steps=0: off."""
+
+  SKIP = 2
+
+  def __init__(self, workdir, start: int, steps: int):
+    self.first = start + self.SKIP
+    self.last = self.first + steps  # exclusive
+    self.directory = Path(workdir) / "profile" / f"process_{jax.process_index()}"
+    self.enabled = steps > 0
+    self.active = False
+
+  def step(self, step: int, state) -> None:
+    """Called before running `step`; starts or stops the trace on its boundaries."""
+    if not self.enabled:
+      return
+    if step == self.first:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+    elif step == self.last:
+      self.close(state)
+
+  def close(self, state) -> None:
+    if self.active:
+      jax.block_until_ready(state)  # the traced steps' device work is in the trace
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _rows(path: Path) -> list[dict]:

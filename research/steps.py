@@ -60,6 +60,9 @@ def _global_mean_loss(sums: dict, n_devices: int):
 def make_train_step(model, tx, objective: objectives.Objective, n_devices: int):
   """train_step(state, batch) -> (state, metric sums); run under pmap(AXIS).
 
+  The sums also carry the global-norm diagnostics of the gradient (after the
+  cross-device mean, before clipping), the new parameters and the update.
+
   model is the Encoder / Decoder module; its .cfg is what the loss reads
   (e.g. whether the encoder has an NSP head).
   """
@@ -79,6 +82,13 @@ def make_train_step(model, tx, objective: objectives.Objective, n_devices: int):
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Diagnostics (metrics.summarize averages them over a log window). The
+    # trees are identical on every device, so each adds 1/n and the psum
+    # below gives one count per step.
+    sums.update(steps=1.0 / n_devices, **{
+        f"{name}_sum": optax.global_norm(tree) / n_devices
+        for name, tree in (("grad_norm", grads), ("param_norm", params),
+                           ("update_norm", updates))})
     sums = jax.lax.psum(sums, AXIS)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, sums

@@ -21,6 +21,7 @@ logged step and log_every / eval_every / checkpoint.every count micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import jax
 
 from research import checkpoint as ckpt_lib
-from research import command_line, models, objectives, optimizer, run_config, run_logging
+from research import command_line, models, objectives, optimizer, parallel, run_config, run_logging
 from research import steps as steps_lib
 from research.evaluate import evaluate_batches
 from research.data import load_tokenizer
@@ -42,46 +43,49 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-def _devices(devices=None, num_devices: int | None = None):
-  if devices is not None:
-    return list(devices)
-  local = jax.local_devices()
-  return local if num_devices is None else local[:num_devices]
-
-
 def train(config, workdir, *, devices=None, num_devices: int | None = None,
           progress: bool = True, stop_at: int | None = None,
           warm_start: WarmStart | None = None, allow_data_change: bool = False) -> dict:
   """Runs (or resumes) the training job; returns the final eval summary and more.
 
-  devices / num_devices pick the pmap devices (default: every local device);
-  tests use them to compare 1 and 8 devices in one process. stop_at ends the
+  devices / num_devices pick the pmap devices (default: every device of every
+  process, parallel.run_devices); tests use them to compare 1 and 8 devices in
+  one process. In a multi-process run (parallel.initialize) every process
+  calls train() alike: each feeds its own share of every global batch, the
+  step reduces across all of them, and only process 0 writes logs and run
+  files (all take part in checkpoint saves). stop_at ends the
   run after that step (saving a checkpoint there), as an interruption would.
   warm_start (research.finetune) supplies the pretrained tokenizer, model and
   parameters a classification config starts from; a resume reads its own.
   allow_data_change lets a resume change the fields that decide the batches
   (checkpoint.DATA_FIELDS), which is refused otherwise.
 
-  One trainer per workdir (run_lock); the lock is held until the last save
-  is written.
+  One trainer per workdir (run_lock, held by process 0); the lock is held
+  until the last save is written.
   """
   run_config.validate(config)
   objective = objectives.get(config.objective)
   if objective.fine_tunes and warm_start is None:
     raise ValueError(f"a {objective.name} config fine-tunes a pretrained run: launch it"
                      " with research.finetune --init_from DIR.")
-  devices = _devices(devices, num_devices)
+  devices = list(devices) if devices is not None else parallel.run_devices(num_devices)
   if config.train.batch_size % len(devices):
-    raise ValueError(f"config.train.batch_size ({config.train.batch_size}) must be a"
-                     f" multiple of the {len(devices)} devices.")
-  with WorkdirLock(workdir, progress):
-    return _train_locked(config, Path(workdir), objective, devices, progress, stop_at,
-                         warm_start, allow_data_change)
+    raise ValueError(
+        f"config.train.batch_size ({config.train.batch_size}) must be a multiple of the"
+        f" {len(devices)} devices ({jax.process_count()} process(es) x"
+        f" {len(parallel.local_devices(devices))} local).")
+  parallel.check_same_config(run_config.to_json(config))
+  primary = parallel.is_primary()
+  lock = WorkdirLock(workdir, progress) if primary else contextlib.nullcontext()
+  with lock:
+    return _train_locked(config, Path(workdir), objective, devices, progress and primary,
+                         stop_at, warm_start, allow_data_change)
 
 
 def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_start,
                   allow_data_change) -> dict:
-  n_dev = len(devices)
+  n_local = len(parallel.local_devices(devices))  # this process's pmap shards
+  primary = parallel.is_primary()
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                config.checkpoint["async"])
   resuming = ckpt.latest_step() is not None
@@ -91,7 +95,13 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
     tokenizer = load_tokenizer(saved_tok)
   else:
     tokenizer = warm_start.tokenizer if warm_start is not None else None
+  # Process 0 trains the tokenizer and fills the token cache; the others then
+  # read what it wrote rather than building the same files at the same time.
+  if not primary:
+    parallel.barrier("fusedlm:data")
   data = objective.train_data(config, tokenizer)
+  if primary:
+    parallel.barrier("fusedlm:data")
   model_cfg = run_config.build_model_config(
       config, data.tokenizer.vocab_size,
       warm_start.model_cfg if warm_start is not None else None,
@@ -125,8 +135,9 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
       if progress:
         print(f"warm start from {warm_start.source}: {transfer.describe()}", file=sys.stderr)
   # Only now, every check passed: a refused resume leaves config.json as it was.
-  ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
-                           data.label_names)
+  if primary:
+    ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
+                             data.label_names)
   start = int(host_state.step)
   state = replicate(host_state, devices)
   del host_state
@@ -136,13 +147,14 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
   logger = run_logging.RunLogger(
       workdir, total, start, config.train.batch_size * seq_len,
       run_logging.flops_per_token(model_cfg, models.abstract_params(model_cfg), seq_len),
-      run_logging.peak_flops(devices[0]), n_dev, progress)
+      run_logging.peak_flops(devices[0]), len(devices), progress, write=primary)
+  profiler = run_logging.StepProfiler(workdir, start, config.train.profile_steps)
 
   def evaluate(step):
     logger.pause()  # evaluation time is not training throughput
     summary = evaluate_batches(
         p_eval, state.params, data.eval.eval_batches(config.train.eval_batches or None),
-        n_dev)
+        n_local)
     logger.eval(step, summary)
     logger.resume()
     return summary
@@ -186,7 +198,9 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
     finished_at = time.perf_counter()  # when the loop was done with the last step
     for step in range(start, end):
       iteration_start = time.perf_counter()
-      batch = shard(data.train.batch(step), n_dev)  # [devices, per_device, ...]
+      profiler.step(step, state)
+      # This process's share of the global batch: [local devices, per_device, ...].
+      batch = shard(data.train.batch(step), n_local)
       state, sums = p_train(state, batch)
       if pending is not None:
         # The previous step's metrics, while this one runs. Its row is stamped
@@ -206,6 +220,9 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
         ckpt.save(done, unreplicate(state), force=done == end,
                   extra={"window": saved_window})
         logger.resume()
+        if done == end:  # no next iteration to log it: its row precedes the eval's
+          record(*pending, at=finished_at)
+          pending = None
       if eval_due(done):
         summary = evaluate(done)
     if pending is not None:
@@ -213,6 +230,7 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
     if start >= total and not summary:
       summary = evaluate(total)
   finally:
+    profiler.close(state)
     ckpt.close()  # waits for an async save in flight, also on a NaN stop
     logger.close()
   return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,
@@ -221,6 +239,7 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
 
 def _main():
   from absl import flags  # Parsed in __main__ only: importing stays flag-free.
+  command_line.start_distributed()
   summary = train(flags.FLAGS.config, flags.FLAGS.workdir,
                   allow_data_change=flags.FLAGS.allow_data_change)
   print(f"final eval: {summary['eval']}")
@@ -234,5 +253,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
   flags.DEFINE_bool("allow_data_change", False, "resume even though fields that decide"
                     " the batches (batch_size, seq_len, corpus, tokenizer, ...) changed")
+  command_line.define_distributed_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   command_line.run(_main, "research.train")

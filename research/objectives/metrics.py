@@ -88,7 +88,8 @@ def summarize(sums: dict) -> dict[str, float]:
   perplexity = exp(loss) of the main objective (per token for the LM
   objectives); `count` is passed through as `tokens` for throughput logs;
   macro_f1 (the unweighted mean of per-class F1) when a confusion matrix is
-  among the sums.
+  among the sums; grad_norm, param_norm and update_norm (means over the
+  steps summed) when the train step's norm sums are.
   """
   sums = dict(jax.device_get(sums))
   confusion = sums.pop("confusion", None)
@@ -106,4 +107,12 @@ def summarize(sums: dict) -> dict[str, float]:
     out["nsp_accuracy"] = sums["nsp_correct"] / nsp_count
   if confusion is not None:
     out["macro_f1"] = float(np.mean(f1_scores(confusion)))
+  steps = sums.get("steps", 0.0)
+  for name in NORMS:
+    if steps > 0 and f"{name}_sum" in sums:
+      out[name] = sums[f"{name}_sum"] / steps  # mean over the window's steps
   return out
+
+
+# Global norms the train step reports (grad_norm_sum etc., with `steps`).
+NORMS = ("grad_norm", "param_norm", "update_norm")

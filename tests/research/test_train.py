@@ -123,3 +123,18 @@ def test_gradient_accumulation_counts_micro_batches(cache_dir, tmp_path):
   out = train.train(config, tmp_path, num_devices=1, progress=False)
   assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
   assert np.isfinite(out["eval"]["loss"])
+
+
+def test_norms_are_logged_and_a_profile_is_written(cache_dir, tmp_path):
+  config = tiny_config(cache_dir, steps=5)
+  config.train.profile_steps = 2
+  train.train(config, tmp_path, progress=False)
+  rows = run_logging.read_metrics(tmp_path)
+  for step in range(2, 6):
+    for key in ("grad_norm", "param_norm", "update_norm"):
+      assert math.isfinite(rows[step][key]) and rows[step][key] > 0, (step, key)
+  assert rows[1]["update_norm"] == 0.0  # the warm-up's first rate is 0
+  # The update is the step's change of the parameters.
+  assert rows[3]["update_norm"] < rows[3]["param_norm"]
+  traces = list((tmp_path / "profile" / "process_0").rglob("*.xplane.pb"))
+  assert traces, sorted((tmp_path / "profile").rglob("*"))
