@@ -40,7 +40,8 @@ def test_cudnn_matches_the_reference_in_bf16():
 
 
 BAD_INPUTS = [
-    (dict(q=jnp.ones((8, 4, 32))), "q must have rank 4"),
+    (dict(q=jnp.ones((2, 8, 4, 32, 1))), "q must have rank 4"),
+    (dict(q=jnp.ones((8, 4, 32))), r"q has rank 3 \(unbatched\), so k and v must too"),
     (dict(k=jnp.ones((3, 8, 2, 32)), v=jnp.ones((3, 8, 2, 32))), "batch size mismatch"),
     (dict(k=jnp.ones((2, 8, 2, 16)), v=jnp.ones((2, 8, 2, 16))), "head_dim mismatch"),
     (dict(k=jnp.ones((2, 8, 3, 32)), v=jnp.ones((2, 8, 3, 32))),
