@@ -86,7 +86,7 @@ def make_train_step(model, tx, objective: objectives.Objective, n_devices: int):
     # trees are identical on every device, so each adds 1/n and the psum
     # below gives one count per step.
     sums.update(steps=1.0 / n_devices, **{
-        f"{name}_sum": optax.global_norm(tree) / n_devices
+        f"{name}_sum": optax.tree.norm(tree) / n_devices
         for name, tree in (("grad_norm", grads), ("param_norm", params),
                            ("update_norm", updates))})
     sums = jax.lax.psum(sums, AXIS)
