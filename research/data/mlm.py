@@ -24,6 +24,11 @@ Batch arrays, [rows, seq_len] with rows = batch_size // process_count:
   padding_mask    bool    True on real tokens.
   mlm_labels      int32   original id at selected positions, 0 elsewhere.
   mlm_weights     float32 1.0 at selected positions.
+  mlm_positions   int32   [rows, max_predictions]: the selected positions in
+                  order, then seq_len (an empty slot). The MLM head runs at
+                  these only (research.models.encoder), as the original BERT's
+                  masked_lm_positions; max_predictions bounds the selection
+                  budget, so no selected position is ever left out.
   nsp_labels      int32   [rows], 0 = B follows A, 1 = B random (only with nsp).
   weights         float32 [rows], 1 for real rows, 0 for eval padding rows.
 """
@@ -69,6 +74,10 @@ class MLMBatches:
     self.mask_prob = mask_prob
     self.whole_word_masking = whole_word_masking
     self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    # masking.select_positions takes floor(n * mask_prob + u) <= floor(n *
+    # mask_prob) + 1 of n <= seq_len - specials maskable positions (whole words:
+    # no more), so this many slots hold every selection, float rounding included.
+    self.max_predictions = int(np.floor((seq_len - specials) * mask_prob)) + 1
     self._special = np.zeros(tokenizer.vocab_size, dtype=bool)
     self._special[list(tokenizer.special_ids)] = True
     if nsp:
@@ -133,6 +142,7 @@ class MLMBatches:
         "padding_mask": np.zeros((rows, self.seq_len), dtype=bool),
         "mlm_labels": np.zeros((rows, self.seq_len), dtype=np.int32),
         "mlm_weights": np.zeros((rows, self.seq_len), dtype=np.float32),
+        "mlm_positions": np.full((rows, self.max_predictions), self.seq_len, dtype=np.int32),
     }
     nsp_labels = np.zeros(rows, dtype=np.int32)
     for row, (example, rng) in enumerate(zip(examples, rngs)):
@@ -151,6 +161,8 @@ class MLMBatches:
       batch["padding_mask"][row, :n] = True
       batch["mlm_labels"][row, :n] = masked.labels
       batch["mlm_weights"][row, :n] = masked.weights * weights[row]
+      selected = np.flatnonzero(masked.weights)
+      batch["mlm_positions"][row, :len(selected)] = selected
     if self.nsp:
       batch["nsp_labels"] = nsp_labels
     batch["weights"] = weights.astype(np.float32)

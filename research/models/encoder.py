@@ -7,6 +7,17 @@
   outputs["nsp_logits"]    [batch, 2]           f32   if cfg.nsp (0 = is next)
   outputs["class_logits"]  [batch, num_labels]  f32   if cfg.num_labels
 
+With `mlm_positions` [batch, P] (int, P fixed; a slot >= seq is empty), the MLM
+head runs at those positions only, as the original BERT's gather_indexes does:
+  outputs["mlm_logits"]    [batch, P, vocab]    f32   row b, slot p: the logits
+                                                      at position mlm_positions[b, p]
+                                                      (an empty slot: the head of a
+                                                      zero vector, to be ignored)
+  outputs["mlm_positions"] [batch, P]                 the positions, for the loss
+Pretraining gathers because the tied output layer applied at every position
+costs more than the rest of a tiny model, while only ~15% of positions have a
+label.
+
 Heads as in Devlin et al. (2019) and Hugging Face's BertForPreTraining:
   MLM: Dense(hidden) -> GELU -> LayerNorm -> tied token embedding^T + bias.
   Pooler: Dense(hidden) -> tanh on the first ([CLS]) token; NSP and
@@ -82,12 +93,19 @@ class Encoder(nn.Module):
       padding_mask=None,  # [batch, seq] bool, True = real token; None = all real
       *,
       deterministic: bool = True,
+      mlm_positions=None,  # [batch, P] int; None = the MLM head at every position
   ) -> dict:
     cfg = self.cfg
     hidden = self._encode(input_ids, token_type_ids, padding_mask, deterministic)
     outputs = {"hidden": hidden}
     if cfg.mlm:
-      transformed = self.mlm_transform(hidden)
+      at = hidden
+      if mlm_positions is not None:
+        # An empty slot (>= seq) reads zeros and gets no gradient.
+        at = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1,
+                                 mode="fill", fill_value=0)
+        outputs["mlm_positions"] = mlm_positions
+      transformed = self.mlm_transform(at)
       outputs["mlm_logits"] = (
           self.embeddings.attend(transformed) + self.mlm_bias.astype(jnp.float32))
     if cfg.has_pooler:

@@ -13,7 +13,8 @@ from research.objectives.objective import Objective, pretraining_model_config
 
 
 def mlm_loss(
-    outputs: dict,  # Encoder outputs: mlm_logits [B, T, V], nsp_logits [B, 2]
+    outputs: dict,  # Encoder outputs: mlm_logits [B, T, V] (or [B, P, V] with
+                    # mlm_positions [B, P]), nsp_logits [B, 2]
     batch: dict,  # mlm_labels [B, T], mlm_weights [B, T], nsp_labels [B]
     nsp: bool = False,
 ):
@@ -21,10 +22,18 @@ def mlm_loss(
 
   The loss is mean MLM loss + mean NSP loss, as in BERT's pre-training. A
   label < 0 (Hugging Face's -100) is ignored even where its weight is set.
+  When the encoder computed its logits at gathered positions
+  (outputs["mlm_positions"]), labels and weights are gathered the same way; an
+  empty slot (a position >= T) weighs 0.
   """
   labels = batch["mlm_labels"]
+  weights = batch["mlm_weights"]
   rows = row_weights(batch, labels.shape[0])
-  weights = batch["mlm_weights"].astype(jnp.float32) * (labels >= 0) * rows[:, None]
+  positions = outputs.get("mlm_positions")
+  if positions is not None:
+    gather = lambda x: jnp.take_along_axis(x, positions, axis=1, mode="fill", fill_value=0)
+    labels, weights = gather(labels), gather(weights)
+  weights = weights.astype(jnp.float32) * (labels >= 0) * rows[:, None]
   metrics = weighted_cross_entropy(outputs["mlm_logits"], labels, weights)
   loss = safe_mean(metrics["loss_sum"], metrics["count"])
   if nsp:
@@ -37,10 +46,12 @@ def mlm_loss(
 
 def outputs(model, variables, batch: dict, *, deterministic: bool = True, rngs=None):
   """The encoder's output dict (mlm_logits, nsp_logits) from batch["input_ids"],
-  ["token_type_ids"], ["padding_mask"]."""
+  ["token_type_ids"], ["padding_mask"]; the MLM logits at batch["mlm_positions"]
+  only when the batch has them (research.data.MLMBatches' do)."""
   return model.apply(
       variables, batch["input_ids"], batch.get("token_type_ids"),
-      batch.get("padding_mask"), deterministic=deterministic, rngs=rngs)
+      batch.get("padding_mask"), deterministic=deterministic, rngs=rngs,
+      mlm_positions=batch.get("mlm_positions"))
 
 
 def _batches(config, tokens, **common):

@@ -81,6 +81,30 @@ def test_mlm_loss_adds_nsp_and_ignores_unmasked_positions():
   assert "nsp_loss_sum" not in metrics_only
 
 
+def test_mlm_loss_at_gathered_positions_equals_the_loss_at_every_position():
+  rng = np.random.RandomState(2)
+  logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+  weights = np.array([[0, 1, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1]],
+                     np.float32)
+  batch = {"mlm_labels": rng.randint(0, 11, (3, 6)).astype(np.int32),
+           "mlm_weights": weights,
+           "weights": np.array([1, 1, 0], np.float32)}  # the last row is padding
+  positions = np.full((3, 4), 6, np.int32)  # 6 = an empty slot
+  for row, chosen in enumerate(weights > 0):
+    positions[row, :chosen.sum()] = np.flatnonzero(chosen)
+  # What an empty slot holds never counts, not even NaN.
+  gathered = np.take_along_axis(logits, np.minimum(positions, 5)[..., None], 1)
+  gathered = np.where((positions < 6)[..., None], gathered, np.nan)
+  loss, metrics = objectives.mlm_loss(
+      {"mlm_logits": jnp.asarray(gathered), "mlm_positions": jnp.asarray(positions)},
+      batch)
+  full_loss, full_metrics = objectives.mlm_loss({"mlm_logits": jnp.asarray(logits)}, batch)
+  np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+  for key in ("loss_sum", "correct", "count"):
+    np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=1e-6)
+  np.testing.assert_allclose(metrics["count"], 4.0)
+
+
 def test_classification_loss_weights_out_padded_examples():
   logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
   batch = {"labels": np.array([0, 2, 1]), "weights": np.array([1.0, 1.0, 0.0])}

@@ -89,6 +89,30 @@ def test_batches_select_15_percent_and_never_special_tokens(split, wordpiece):
   np.testing.assert_allclose(selected / maskable, 0.15, atol=0.015)
 
 
+@pytest.mark.parametrize("nsp, whole_words, mask_prob", [
+    (True, False, 0.15), (False, False, 0.15), (True, True, 0.15), (False, False, 0.5)])
+def test_mlm_positions_list_every_selected_position(english_docs, wordpiece, nsp,
+                                                    whole_words, mask_prob):
+  split = TokenizedSplit.from_documents(wordpiece.encode_batch(english_docs[:20]))
+  batches = maker(split, wordpiece, seq_len=40, nsp=nsp, whole_word_masking=whole_words,
+                  mask_prob=mask_prob, batch_size=16)
+  specials = 3 if nsp else 2
+  assert batches.max_predictions == int((40 - specials) * mask_prob) + 1
+  fullest = 0
+  for batch in [batches.batch(step) for step in range(8)] + list(batches.eval_batches(2)):
+    positions = batch["mlm_positions"]
+    assert positions.shape == (16, batches.max_predictions) and positions.dtype == np.int32
+    for row in range(16):
+      selected = np.flatnonzero(batch["mlm_weights"][row])
+      n = len(selected)
+      np.testing.assert_array_equal(positions[row, :n], selected)
+      np.testing.assert_array_equal(positions[row, n:], 40)  # empty slots
+      fullest = max(fullest, n)
+  # The bound is (nearly) reached: it is tight unless (seq_len - specials) *
+  # mask_prob is an integer, so the gather saves what it can.
+  assert fullest >= batches.max_predictions - 1 or whole_words
+
+
 def test_whole_word_masking_on_real_text(english_docs, wordpiece):
   split = TokenizedSplit.from_documents(wordpiece.encode_batch(english_docs[:20]))
   batches = maker(split, wordpiece, seq_len=64, whole_word_masking=True)

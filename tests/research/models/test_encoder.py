@@ -89,6 +89,34 @@ def test_outputs_hold_the_heads_the_config_asks_for(mlm, nsp, num_labels):
   assert ("pooler" in params) == (nsp or num_labels > 0)
 
 
+def test_mlm_logits_at_gathered_positions_equal_those_of_a_full_call():
+  cfg = _config(nsp=True)
+  model = build_model(cfg)
+  params = {"params": random_params(cfg)}
+  batch = _batch(6, [9, 6], 9)
+  positions = jnp.array([[0, 4, 8, 9], [5, 2, 9, 9]], jnp.int32)  # 9 = an empty slot
+  apply = jax.jit(model.apply)
+  full = apply(params, *batch)
+  gathered = apply(params, *batch, mlm_positions=positions)
+  assert gathered["mlm_logits"].shape == (2, 4, VOCAB)
+  np.testing.assert_array_equal(gathered["mlm_positions"], positions)
+  expected = np.take_along_axis(np.asarray(full["mlm_logits"]),
+                                np.minimum(positions, 8)[..., None], 1)
+  filled = np.asarray(positions < 9)
+  np.testing.assert_allclose(np.asarray(gathered["mlm_logits"])[filled],
+                             expected[filled], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gathered["nsp_logits"], full["nsp_logits"], rtol=1e-6)
+
+  def empty_slots(params):  # reads the trunk only through filled slots
+    logits = model.apply(params, *batch, mlm_positions=positions)["mlm_logits"]
+    return jnp.sum(jnp.where(filled[..., None], 0.0, logits))
+
+  grads = jax.grad(empty_slots)(params)["params"]
+  assert np.abs(np.asarray(grads["mlm_bias"])).max() > 0  # so the check can fail
+  for leaf in jax.tree_util.tree_leaves(grads["transformer"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
 def test_classify_equals_the_class_logits_of_a_full_call():
   cfg = _config(num_labels=3)
   model = build_model(cfg)
