@@ -18,6 +18,8 @@ one line in REGISTRY.
                   encoder (mlm.py)
   classification  a pretrained encoder or decoder fine-tuned with a
                   sequence-classification head (classification.py)
+  seq2seq         (source, target) pairs with an encoder-decoder; BLEU and chrF
+                  by decoding (seq2seq.py)
 
 Losses return (loss_mean, sums): metric *sums* with their denominators (see
 metrics.py), which add across steps and devices; the host divides once.
@@ -25,7 +27,7 @@ metrics.py), which add across steps and devices; the host divides once.
 
 from __future__ import annotations
 
-from research.objectives import causal, classification, mlm
+from research.objectives import causal, classification, mlm, seq2seq
 from research.objectives.causal import causal_lm_loss
 from research.objectives.classification import classification_loss
 from research.objectives.metrics import (
@@ -38,7 +40,8 @@ from research.objectives.mlm import mlm_loss
 from research.objectives.objective import Objective
 
 REGISTRY: dict[str, Objective] = {
-    o.name: o for o in (causal.OBJECTIVE, mlm.OBJECTIVE, classification.OBJECTIVE)
+    o.name: o for o in (causal.OBJECTIVE, mlm.OBJECTIVE, classification.OBJECTIVE,
+                        seq2seq.OBJECTIVE)
 }
 
 

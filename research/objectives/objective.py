@@ -30,6 +30,14 @@ class Objective:
     eval_sums: (outputs, batch) -> extra sums only evaluation needs, or None.
     report_keys: summary metrics the commands print, in order.
     count_unit: what the summary's `tokens` (the `count` sum) counts.
+    config_defaults: () -> ConfigDict: every field of this objective's run
+      config with its default, i.e. its schema (research.run_config.validate);
+      None = run_config.defaults(), or finetune_defaults() when fine_tunes.
+    extra_evaluation: (saved run, params, eval batch maker, max_batches) ->
+      {"metrics": {...}, "outputs": {name: [line, ...]}} for what is not a
+      sum over batches (seq2seq: decode the split, score BLEU and chrF); None
+      = none. research.evaluate adds the metrics to its summary and writes
+      each output beside its JSON (step_<N>.<name>.txt).
   """
 
   name: str
@@ -43,6 +51,8 @@ class Objective:
   eval_sums: Callable[..., dict] | None = None
   report_keys: tuple[str, ...] = ("loss", "perplexity", "accuracy")
   count_unit: str = "tokens"
+  config_defaults: Callable[[], Any] | None = None
+  extra_evaluation: Callable[..., dict] | None = None
 
 
 def pretraining_model_config(config, vocab_size: int, *, kind: str, **fixed):
