@@ -2,8 +2,9 @@
 
 Packages:
   models/        ModelConfig and presets, attention, the shared Transformer block,
-                 the encoder (BERT) and decoder (GPT), Hugging Face import
-  objectives/    one record per objective (causal, mlm, classification) in one
+                 the encoder (BERT), decoder (GPT) and encoder-decoder
+                 (Transformer), Hugging Face import
+  objectives/    one record per objective (causal, mlm, classification, seq2seq) in one
                  registry: batches, model outputs, loss, metrics, reports
   data/          corpora, tokenizers, cached tokenized splits, batch makers
 
@@ -17,7 +18,8 @@ Training and its plumbing:
                  restore (whole state to resume, parameters only to reuse)
   run_logging    progress line, metrics.jsonl, TensorBoard, MFU
   warm_start     a pretrained run's parameters into a new model (fine-tuning)
-  decoding       batched, jitted generation with the KV cache
+  decoding       batched, jitted generation with the KV cache; seq2seq greedy,
+                 sampling and beam search
   sampling       greedy / temperature / top-k / top-p token choice
 
 Commands (python -m research.<name>; flags with underscores, one error path
@@ -26,6 +28,7 @@ and atomic JSON through command_line):
   finetune       fine-tune a pretrained run on a labelled task
   evaluate       reload a checkpoint: loss, perplexity, accuracy, macro-F1
   generate       continue prompts with a decoder run
+  translate      translate text or a file with a seq2seq run (BLEU, chrF)
   fill_mask      the top-k tokens for every [MASK] with an encoder run
   import_hf      a local Hugging Face BERT / GPT-2 folder -> a run folder
   plot           loss and metric curves from metrics.jsonl

@@ -18,6 +18,13 @@ DIR/eval/step_<N>[-<data>].json.
                   evaluations agree exactly); nsp_loss and nsp_accuracy with NSP
   classification  loss, accuracy, macro_f1 and the confusion matrix
                   ([true][predicted], in label_names order)
+  seq2seq         loss, perplexity and accuracy of the target tokens, then
+                  BLEU and chrF of the decoded split (sacrebleu), the
+                  hypotheses one a line in DIR/eval/step_<N>.hypotheses.txt
+
+An objective's `extra_evaluation` (what is not a sum over batches, such as
+decoding) runs after the metric pass; its metrics join the summary and its
+outputs are written beside the JSON.
 
 `evaluate_batches` is the evaluation pass training uses too: batches from a
 batch maker's `eval_batches()` hold every example once, the last one padded
@@ -27,6 +34,7 @@ devices share the work.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,7 +64,8 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
 
   Returns:
     {"workdir", "step", "objective", "data", "metrics": {...}}; classification
-    adds "label_names".
+    adds "label_names"; an objective with an extra evaluation adds "outputs"
+    ({name: lines}, e.g. seq2seq's "hypotheses").
 
   Raises:
     FileNotFoundError / ValueError: a missing run, step or data file, a
@@ -90,6 +99,10 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
             "metrics": metrics}
   if run.label_names is not None:
     result["label_names"] = list(run.label_names)
+  if objective.extra_evaluation is not None:
+    extra = objective.extra_evaluation(run, params, batches, max_batches)
+    metrics.update(extra["metrics"])
+    result["outputs"] = extra["outputs"]
   return result
 
 
@@ -126,6 +139,16 @@ def default_output(workdir, step: int, data: str | None) -> Path:
   return Path(workdir) / EVAL_DIR / f"step_{step}{suffix}.json"
 
 
+def _write_lines(lines, path: Path) -> Path:
+  """One line each, atomically (as command_line.write_json writes JSON)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  partial.write_text("".join(line.replace("\n", " ") + "\n" for line in lines),
+                     encoding="utf-8")
+  os.replace(partial, path)
+  return path
+
+
 def format_metrics(result: dict) -> str:
   m = result["metrics"]
   objective = objectives.get(result["objective"])
@@ -144,9 +167,12 @@ def _main():
   result = evaluate_run(f.workdir, step=f.step, data=f.data, num_devices=f.num_devices,
                         batch_size=f.batch_size, max_batches=f.max_batches)
   output = Path(f.output) if f.output else default_output(f.workdir, result["step"], f.data)
+  outputs = result.pop("outputs", {})
+  written = [_write_lines(lines, output.with_suffix(f".{name}.txt"))
+             for name, lines in outputs.items()]
   command_line.write_json(result, output)
   print(format_metrics(result))
-  print(f"written to {output}")
+  print(f"written to {output}" + "".join(f", {path}" for path in written))
 
 
 if __name__ == "__main__":
