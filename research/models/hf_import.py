@@ -10,9 +10,8 @@ GPT2LMHeadModel. The parameters are float32 and form exactly the tree that
 `build_model(cfg).init` produces; anything else is a ValueError that names
 the architecture, config option or tensors at fault.
 
-What does not carry over, by design:
-  * attention dropout (attention_probs_dropout_prob / attn_pdrop): the fused
-    kernel has none, so the config gets attention_dropout=0.0;
+Attention dropout (attention_probs_dropout_prob / attn_pdrop) carries over:
+the kernel applies it in training only. What does not carry over, by design:
   * GPT-2's embd_pdrop: our one hidden `dropout` takes resid_pdrop;
   * BertModel's pooler: our encoder builds a pooler only for NSP or
     classification, which BertModel has no weights for (mlm=False, nsp=False).
@@ -117,7 +116,7 @@ def bert_config(hf: dict, architecture: str) -> ModelConfig:
       norm="post",
       activation=_activation(hf.get("hidden_act", "gelu"), architecture),
       dropout=float(hf.get("hidden_dropout_prob", 0.1)),
-      attention_dropout=0.0,
+      attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
       layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
       type_vocab_size=hf.get("type_vocab_size", 2),
       mlm=architecture in ("BertForMaskedLM", "BertForPreTraining"),
@@ -147,7 +146,7 @@ def gpt2_config(hf: dict) -> ModelConfig:
       activation=_activation(hf.get("activation_function", "gelu_new"),
                              architecture),
       dropout=float(hf.get("resid_pdrop", 0.1)),
-      attention_dropout=0.0,
+      attention_dropout=float(hf.get("attn_pdrop", 0.1)),
       layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
   )
 

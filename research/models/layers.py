@@ -182,10 +182,12 @@ class TransformerBlock(nn.Module):
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     pre = cfg.norm == "pre"
     if pre:
-      y, kv = attention(attention_norm(x), positions, mask, cache, cache_index)
+      y, kv = attention(attention_norm(x), positions, mask, cache, cache_index,
+                        deterministic=deterministic)
       x = x + drop(y)
     else:
-      y, kv = attention(x, positions, mask, cache, cache_index)
+      y, kv = attention(x, positions, mask, cache, cache_index,
+                        deterministic=deterministic)
       x = attention_norm(x + drop(y))
     if self.cross_attention:
       cross = CrossAttention(
