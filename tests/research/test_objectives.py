@@ -145,10 +145,10 @@ def test_the_registry_picks_the_loss_by_objective_name():
   np.testing.assert_allclose(
       objectives.get("causal").loss(jnp.asarray(logits), batch, None)[0],
       objectives.causal_lm_loss(jnp.asarray(logits), batch)[0])
-  assert set(objectives.REGISTRY) == {"causal", "mlm", "classification"}
+  assert set(objectives.REGISTRY) == {"causal", "mlm", "classification", "seq2seq"}
   assert all(name == o.name for name, o in objectives.REGISTRY.items())
-  with pytest.raises(ValueError, match="unknown objective 'seq2seq'"):
-    objectives.get("seq2seq")
+  with pytest.raises(ValueError, match="unknown objective 'contrastive'"):
+    objectives.get("contrastive")
 
 
 def test_confusion_matrix_and_macro_f1_match_a_hand_count():

@@ -76,7 +76,7 @@ def test_unknown_key_in_override_is_an_error():
 
 def test_bad_values():
   config = load_experiment("tiny_gpt")
-  config.objective = "seq2seq"
+  config.objective = "contrastive"
   with pytest.raises(ValueError, match="objective"):
     run_config.validate(config)
   config = load_experiment("tiny_gpt")
