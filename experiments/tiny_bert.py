@@ -1,4 +1,4 @@
-"""Tiny BERT (~1.9M parameters, MLM + NSP) on the built-in corpus: trains on a laptop CPU.
+"""Tiny BERT (~1.9M parameters, pre-LN, MLM + NSP) on the built-in corpus: trains on a laptop CPU.
 
   python -m research.train --config experiments/tiny_bert.py --workdir runs/tiny_bert
   python -m research.train --config experiments/tiny_bert.py:runlocal --workdir /tmp/smoke
@@ -9,18 +9,28 @@ from research import run_config
 
 def get_config(arg: str = ""):
   config = run_config.defaults()
-  config.model.preset = "tiny_bert"  # 4 layers, 128 wide, 4 heads, post-LN
-  config.model.max_len = 128  # = data.seq_len
+  config.model.preset = "tiny_bert"  # 4 layers, 128 wide, 4 heads
+  # The recipe leaves the unigram plateau (MLM loss ~6.1-6.2, the tokens' unigram
+  # entropy is 6.04) within 300 steps by giving each step more masked predictions,
+  # which the MLM head now scores at the masked positions only: 64 rows of 64 tokens
+  # at 25% masking make ~960 predictions a step instead of ~280 (16 x 128 at 15%).
+  # The old recipe (post-LN, lr 2e-3, 16 x 128, 15%) ended at 6.20 on the whole
+  # validation split; at 16 x 128, pre-LN with lr 3e-3, rotary or T5-relative
+  # positions, or 40% masking were still at 6.15-6.2 when stopped (step 140-300).
+  config.model.norm = "pre"  # trains at this rate without post-LN's warm-up care
+  config.model.max_len = 64  # = data.seq_len
   config.model.dtype = "float32"  # a CPU emulates bfloat16 matmuls: slower, not faster
   config.data.tokenizer = "wordpiece"  # BERT-style
   config.data.vocab_size = 2048  # small: the tied output layer dominates a tiny model's FLOPs
+  config.data.seq_len = 64
+  config.data.mask_prob = 0.25  # 40% did no better here (5.90 vs 5.89 at step 300)
   config.objective = "mlm"
   config.nsp = True
-  config.optimizer.learning_rate = 2e-3  # tiny models take a high rate
+  config.optimizer.learning_rate = 3e-3  # tiny models take a high rate
   config.optimizer.warmup_steps = 30
   config.optimizer.b2 = 0.98  # RoBERTa-style
   config.train.steps = 300
-  config.train.batch_size = 16
+  config.train.batch_size = 64
   config.train.log_every = 20
   config.train.eval_every = 100
   config.train.eval_batches = 0  # the whole validation split: its first 16 batches are
