@@ -111,16 +111,20 @@ class RunLogger:
       if isinstance(value, (int, float)):
         self.tb.add_scalar(f"{split}/{key}", value, step)
 
-  def train(self, step: int, summary: dict, lr: float, at: float | None = None) -> None:
+  def train(self, step: int, summary: dict, lr: float, at: float | None = None,
+            timing: bool = True) -> None:
     """Logs a train window ending at `step` (steps counted from 1), done at time
-    `at` (time.perf_counter(); default now). Throughput leaves out pauses."""
+    `at` (time.perf_counter(); default now). Throughput leaves out pauses;
+    timing=False (a row restored on resume) logs none."""
     now = time.perf_counter() if at is None else at
     steps = max(step - self._last_step, 1)
     tok_s = steps * self.tokens_per_step / max(self._busy_seconds(now), 1e-9)
     self._last_t, self._last_step = now, step
-    values = {**summary, "learning_rate": lr, "tokens_per_second": tok_s}
-    if self.peak:
-      values["mfu"] = tok_s * self.flops_per_token / (self.peak * self.devices)
+    values = {**summary, "learning_rate": lr}
+    if timing:
+      values["tokens_per_second"] = tok_s
+      if self.peak:
+        values["mfu"] = tok_s * self.flops_per_token / (self.peak * self.devices)
     self.write(step, "train", values)
     if self.progress:
       done = step - self.start

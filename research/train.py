@@ -40,7 +40,8 @@ from research.warm_start import WarmStart, transfer_params
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or Inf; the last good checkpoint is kept."""
+  """The loss (or a gradient, parameter or update norm) became NaN or Inf; the
+  state of that step is not saved, and the newest checkpoint is a good one."""
 
 
 def train(config, workdir, *, devices=None, num_devices: int | None = None,
@@ -169,10 +170,12 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
     step, sums = item
     if not isinstance(sums, dict) or any(not isinstance(v, float) for v in sums.values()):
       sums = {k: float(v) for k, v in unreplicate(sums).items()}
-    if not all(math.isfinite(v) for v in sums.values()):
+    bad = {k: v for k, v in sums.items() if not math.isfinite(v)}
+    if bad:
       raise NonFiniteLossError(
-          f"non-finite training loss at step {step} (loss_sum={sums['loss_sum']});"
-          f" stopping. The newest checkpoint, step {ckpt.newest_intact_label()} in"
+          f"non-finite training metrics at step {step}"
+          f" ({', '.join(f'{k}={v}' for k, v in sorted(bad.items()))}); stopping before"
+          f" saving it. The newest checkpoint, step {ckpt.newest_intact_label()} in"
           f" {ckpt.directory}, holds only finite values.")
     return step, sums
 
@@ -189,11 +192,39 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
                    at=at)
       window.clear()
 
+  def catch_up(step: int) -> dict:
+    """On resume at `step`: the rows a kill after its checkpoint may have lost.
+
+    The checkpoint's window holds `step`'s metrics, not yet logged: its train
+    row is written from it (without throughput, which was not measured here)
+    unless the killed run wrote it; an evaluation due at `step` runs unless
+    its row is there. In the order an uninterrupted run writes them.
+    """
+    logged = run_logging.read_metrics(workdir, "train")
+    evaluated = run_logging.read_metrics(workdir, "eval")
+    missing_row = log_due(step) and step not in logged
+    missing_eval = eval_due(step) and step not in evaluated
+    restored_summary: dict = {}
+
+    def row():
+      logger.train(step, objectives.summarize(window), float(lr_schedule(step // accum)),
+                   timing=False)
+
+    if missing_row and step == total:  # the last row precedes the final eval
+      row()
+    if missing_eval:
+      restored_summary = evaluate(step)
+    if missing_row and step != total:  # mid-run, the eval of a step comes first
+      row()
+    if log_due(step):
+      window.clear()
+    return restored_summary
+
   summary: dict = {}
   t0 = time.perf_counter()
   try:
-    if start and eval_due(start) and start not in run_logging.read_metrics(workdir, "eval"):
-      summary = evaluate(start)  # killed between the checkpoint and its eval row
+    if start:
+      summary = catch_up(start) or summary
     end = total if stop_at is None else min(stop_at, total)
     finished_at = time.perf_counter()  # when the loop was done with the last step
     for step in range(start, end):
@@ -214,8 +245,9 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
         finished_at = time.perf_counter()
         # The window as it will be once `done` is recorded, so a resume from
         # here logs the same rows as this run.
-        saved_window = {} if log_due(done) else {
-            k: window.get(k, 0.0) + v for k, v in pending[1].items()}
+        # The window with `done` in it, not yet logged: a resume from here
+        # logs (or, if this run already did, skips) the same row.
+        saved_window = {k: window.get(k, 0.0) + v for k, v in pending[1].items()}
         logger.pause()  # the save's host copy is not training time
         ckpt.save(done, unreplicate(state), force=done == end,
                   extra={"window": saved_window})
@@ -227,8 +259,10 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
         summary = evaluate(done)
     if pending is not None:
       record(*to_host(pending), at=finished_at)
-    if start >= total and not summary:
-      summary = evaluate(total)
+    if start >= total and not summary:  # a finished run, started again
+      row = run_logging.read_metrics(workdir, "eval").get(total)
+      summary = ({k: v for k, v in row.items() if k not in ("step", "split")}
+                 if row else evaluate(total))
   finally:
     profiler.close(state)
     ckpt.close()  # waits for an async save in flight, also on a NaN stop

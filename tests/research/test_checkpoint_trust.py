@@ -97,11 +97,23 @@ def test_a_non_finite_state_is_never_saved(cache_dir, tmp_path, monkeypatch):
   def nan_after_update(opt_cfg, steps):  # an optimizer that breaks the weights
     return optax.chain(real(opt_cfg, steps), optax.scale(float("nan")))
   monkeypatch.setattr(train.optimizer, "build_optimizer", nan_after_update)
-  with pytest.raises(ckpt_lib.NonFiniteStateError,
-                     match=r"state at step 1 holds non-finite values.*not saved.*newest"
-                           r" checkpoint is step none"):
+  # The norms of step 1's new parameters are NaN: the run stops before its save.
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite training metrics at step 1 \(.*param_norm_sum=nan.*\);"
+                           r" stopping before saving it. The newest checkpoint, step none"):
     train.train(config, tmp_path, progress=False)
   assert ckpt_lib.open_run(tmp_path).steps == ()
+
+
+def test_the_checkpointer_refuses_a_non_finite_state(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(tmp_path, every=1, keep=2, use_async=False)
+  ckpt.save(1, {"w": np.ones(3, np.float32), "mu": np.zeros(3, np.float32)})
+  with pytest.raises(ckpt_lib.NonFiniteStateError,
+                     match=r"state at step 2 holds non-finite values \(\['mu'\]\).*not"
+                           r" saved. The newest checkpoint is step 1"):
+    ckpt.save(2, {"w": np.ones(3, np.float32), "mu": np.array([0, np.inf, 0], np.float32)})
+  ckpt.close()
+  assert ckpt_lib.checkpoint_steps(tmp_path / "checkpoints") == (1,)
 
 
 @pytest.mark.parametrize("rate", [-0.003, float("nan"), 0.0])
