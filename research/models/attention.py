@@ -221,8 +221,10 @@ class CrossAttention(nn.Module):
   Returns (output [B, T, hidden], LayerCache of the memory's keys and values).
   Decoding computes the memory's keys and values once (the first call, with
   `memory`) and passes them back as `memory_kv` at every later step. No
-  rotary positions: source and target positions are not comparable (T5 and
-  the original Transformer put no positional term in cross-attention either).
+  rotary positions, relative bias or window: source and target positions are
+  not comparable (T5 and the original Transformer put no positional term in
+  cross-attention either). Attention dropout and the logit soft-cap apply as
+  in self-attention.
   """
 
   cfg: ModelConfig
@@ -235,9 +237,18 @@ class CrossAttention(nn.Module):
       mask: AttentionMask,  # key_padding_mask [B, src_len]; segment ids of q and kv
       memory=None,  # [batch, src_len, hidden]: the encoder output
       memory_kv: LayerCache | None = None,  # its keys/values, instead of memory
+      deterministic: bool | None = None,  # as SelfAttention's
   ):
     cfg = self.cfg
     q = _heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, H, D]
+    variants = {}
+    if cfg.attention_soft_cap:
+      variants["logits_soft_cap"] = cfg.attention_soft_cap
+    if deterministic is None:
+      deterministic = not self.has_rng("dropout")
+    if cfg.attention_dropout and not deterministic:
+      variants["dropout_rate"] = cfg.attention_dropout
+      variants["dropout_rng"] = self.make_rng("dropout")
     if memory_kv is None:
       if memory is None:
         raise ValueError("CrossAttention needs the encoder output or its keys/values.")
@@ -251,5 +262,6 @@ class CrossAttention(nn.Module):
         segment_ids=mask.segment_ids,
         kv_segment_ids=mask.kv_segment_ids,
         implementation=cfg.attention,
+        **variants,
     )  # [B, T, H, D]
     return _output_projection(cfg, self.out_init_std)(out), memory_kv

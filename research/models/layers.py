@@ -196,10 +196,12 @@ class TransformerBlock(nn.Module):
       if memory_mask is None:
         memory_mask = AttentionMask()
       if pre:
-        y, memory_kv = cross(cross_norm(x), memory_mask, memory, memory_kv)
+        y, memory_kv = cross(cross_norm(x), memory_mask, memory, memory_kv,
+                             deterministic=deterministic)
         x = x + drop(y)
       else:
-        y, memory_kv = cross(x, memory_mask, memory, memory_kv)
+        y, memory_kv = cross(x, memory_mask, memory, memory_kv,
+                             deterministic=deterministic)
         x = cross_norm(x + drop(y))
     if pre:
       x = x + drop(mlp(mlp_norm(x)))

@@ -7,7 +7,7 @@ import pytest
 
 from research.models import abstract_params, build_model, count_params, random_params
 from research.models import config as model_config
-from research.models.attention import AttentionMask
+from research.models.attention import AttentionMask, CrossAttention
 from research.models.encoder_decoder import EncoderDecoder
 
 VOCAB = 53
@@ -199,3 +199,21 @@ def test_presets_and_refusals():
     model = build_model(_config())
     model.apply({"params": random_params(_config())}, *_source_and_mask(),
                 jnp.zeros((2,), jnp.int32), max_len=25, method="start_decoding")
+
+
+def test_attention_dropout_reaches_cross_attention_in_training_only():
+  cfg = _config(attention_dropout=0.5)
+  source, mask = _source_and_mask()
+  memory = jax.random.normal(jax.random.key(15), (2, 9, 32))
+  x = jax.random.normal(jax.random.key(16), (2, 5, 32))
+  memory_mask = AttentionMask(key_padding_mask=mask)
+  layer = CrossAttention(cfg)
+  params = layer.init(jax.random.key(0), x, memory_mask, memory)["params"]
+
+  def apply(cfg, **kw):
+    return CrossAttention(cfg).apply({"params": params}, x, memory_mask, memory, **kw)[0]
+
+  np.testing.assert_array_equal(apply(cfg), apply(cfg.replace(attention_dropout=0.0)))
+  dropped = [apply(cfg, deterministic=False, rngs={"dropout": jax.random.key(k)})
+             for k in (0, 1)]
+  assert np.abs(np.asarray(dropped[0] - dropped[1])).max() > 1e-3
