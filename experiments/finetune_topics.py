@@ -6,10 +6,11 @@ web, xml). Pretrain first, then fine-tune either model:
 
   python -m research.train --config experiments/tiny_bert.py --workdir runs/tiny_bert
   python -m research.finetune --config experiments/finetune_topics.py \
-      --init_from runs/tiny_bert --workdir runs/topics
+      --init_from runs/tiny_bert --workdir runs/topics --config.data.seq_len=64
   python -m research.evaluate --workdir runs/topics
 
-(--init_from runs/tiny_gpt fine-tunes the decoder instead.) The model is the
+(the tiny BERT's positions stop at 64; --init_from runs/tiny_gpt fine-tunes the
+decoder instead, at the default 128 tokens.) The model is the
 pretrained one; only the fields under config.model may change how it runs.
 """
 
