@@ -263,7 +263,9 @@ def write_run_files(workdir, config, tokenizer, model_cfg_dict: dict,
 DATA_FIELDS = ("data.corpus", "data.tokenizer", "data.vocab_size", "data.seq_len",
                "data.mask_prob", "data.whole_word_masking", "data.task",
                "data.validation", "data.validation_fraction", "data.text_field",
-               "data.text_pair_field", "data.label_field", "train.batch_size",
+               "data.text_pair_field", "data.label_field", "data.target_file",
+               "data.source_field", "data.target_field", "data.header", "data.too_long",
+               "data.packing", "data.validation_target_file", "train.batch_size",
                "train.seed", "nsp", "objective", "optimizer.accumulation_steps")
 
 
@@ -279,7 +281,11 @@ def check_resumable(workdir, config, model_cfg_dict: dict, *,
   if not path.exists():
     return
   saved = read_config_json(path)
-  diffs = run_config.diff_model(saved.get(RESOLVED_MODEL) or model_cfg_dict, model_cfg_dict)
+  saved_model = saved.get(RESOLVED_MODEL)
+  # A field added to ModelConfig since the run was saved holds its default there.
+  saved_model = (ModelConfig.from_dict(saved_model).to_dict() if saved_model is not None
+                 else model_cfg_dict)
+  diffs = run_config.diff_model(saved_model, model_cfg_dict)
   if diffs:
     raise ValueError(
         f"the checkpoint in {workdir} was written for a different model; refusing"

@@ -122,3 +122,14 @@ def test_folders_that_are_not_runs(tmp_path, copied_run):
   shutil.rmtree(copied_run / "tokenizer")
   with pytest.raises(FileNotFoundError, match="no tokenizer/ folder"):
     ckpt_lib.open_run(copied_run)
+
+
+def test_a_model_field_added_since_the_save_holds_its_default(tmp_path):
+  from research.models.config import ModelConfig
+  current = ModelConfig().to_dict()
+  older = {k: v for k, v in current.items() if k != "sliding_window"}  # saved before it existed
+  (tmp_path / "config.json").write_text(json.dumps({"resolved_model": older}))
+  ckpt_lib.check_resumable(tmp_path, {}, current)
+  changed = dict(current, num_layers=current["num_layers"] + 1)
+  with pytest.raises(ValueError, match="num_layers"):
+    ckpt_lib.check_resumable(tmp_path, {}, changed)
