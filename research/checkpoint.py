@@ -283,9 +283,10 @@ def check_resumable(workdir, config, model_cfg_dict: dict, *,
   saved = read_config_json(path)
   saved_model = saved.get(RESOLVED_MODEL)
   # A field added to ModelConfig since the run was saved holds its default there.
+  current_model = ModelConfig.from_dict(model_cfg_dict).to_dict()
   saved_model = (ModelConfig.from_dict(saved_model).to_dict() if saved_model is not None
-                 else model_cfg_dict)
-  diffs = run_config.diff_model(saved_model, model_cfg_dict)
+                 else current_model)
+  diffs = run_config.diff_model(saved_model, current_model)
   if diffs:
     raise ValueError(
         f"the checkpoint in {workdir} was written for a different model; refusing"
