@@ -1,4 +1,4 @@
-"""fusedlm attention kernels: the fused Pallas kernel, its reference, one entry point."""
+"""fusedlm attention kernels: the fused Pallas kernels (Triton; Mosaic GPU for Hopper), their reference, one entry point."""
 
 from kernels.attention import (
     IMPLEMENTATIONS,
@@ -6,6 +6,7 @@ from kernels.attention import (
     resolve_implementation,
 )
 from kernels.block_sizes import BlockSizes
+from kernels.mosaic_attention import MosaicBlockSizes, mosaic_attention
 from kernels.pallas_attention import flash_attention
 from kernels.triton_notice import TritonBackendNotice
 from kernels.reference import reference_attention
@@ -13,9 +14,11 @@ from kernels.reference import reference_attention
 __all__ = [
     "BlockSizes",
     "IMPLEMENTATIONS",
+    "MosaicBlockSizes",
     "TritonBackendNotice",
     "dot_product_attention",
     "flash_attention",
+    "mosaic_attention",
     "reference_attention",
     "resolve_implementation",
 ]

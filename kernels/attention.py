@@ -7,7 +7,12 @@ and the masks of `kernels.masking`, and dispatches to
     Triton on an NVIDIA GPU, run by Pallas' interpreter elsewhere);
   * "xla": the plain reference of `kernels.reference` (materialises scores);
   * "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention`;
-  * "auto": "pallas" on GPU, "xla" on every other backend.
+  * "mosaic": the Hopper kernel of `kernels.mosaic_attention` (Pallas' Mosaic
+    GPU backend: wgmma, TMA, warp specialisation; compute capability 9.x,
+    run by Mosaic GPU's interpreter elsewhere with JAX >= 0.11);
+  * "auto": "pallas" on GPU, "xla" on every other backend. It does not pick
+    "mosaic" on Hopper until that kernel is measured faster there than the
+    Triton one (BENCHMARKS.md).
 
 Callers (the models) choose by config; tests hold every implementation to
 the same reference.
@@ -21,11 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masking
+from kernels.mosaic_attention import MosaicBlockSizes, mosaic_attention
 from kernels.pallas_attention import BlockSizes, flash_attention
 from kernels.reference import reference_attention
 
-Implementation = Literal["auto", "pallas", "xla", "cudnn"]
-IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn")
+Implementation = Literal["auto", "pallas", "xla", "cudnn", "mosaic"]
+IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn", "mosaic")
 
 
 def resolve_implementation(implementation: str) -> str:
@@ -59,7 +65,7 @@ def dot_product_attention(
     dropout_rng=None,
     return_lse: bool = False,
     implementation: Implementation = "auto",
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | MosaicBlockSizes | None = None,
     interpret: bool | None = None,
 ):  # out [batch, q_len, num_heads, v_head_dim], q.dtype; with return_lse
     # also lse [batch, num_heads, q_len] float32
@@ -92,10 +98,11 @@ def dot_product_attention(
     return_lse: also return the rows' log-sum-exp (natural log; -inf on a
       row that sees no key), differentiable, so that attention over chunks
       of keys can be combined exactly.
-    implementation: "auto", "pallas", "xla" or "cudnn".
-    block_sizes: tiles of the Pallas kernel (default: its tuned table).
+    implementation: "auto", "pallas", "xla", "cudnn" or "mosaic".
+    block_sizes: tiles of the Pallas kernel, a `BlockSizes` ("pallas") or a
+      `MosaicBlockSizes` ("mosaic"); default: the kernel's table.
     interpret: run the Pallas kernel in the interpreter; default: on any
-      backend but GPU.
+      backend but GPU. "mosaic" also takes Mosaic GPU's InterpretGPUParams.
 
   The semantics of every argument: `kernels.masking` and `kernels.variants`.
   """
@@ -130,8 +137,16 @@ def dot_product_attention(
            if (value is not None if _PLAIN[name] is None else value != _PLAIN[name])]
   if given:
     raise ValueError(
-        f"implementation='cudnn' is not wired for {', '.join(given)}; use"
-        " 'pallas' or 'xla', which take every variant.")
+        f"implementation={implementation!r} is not wired for"
+        f" {', '.join(given)}; use 'pallas' or 'xla', which take every variant.")
+  if implementation == "mosaic":
+    if interpret is None:
+      interpret = jax.default_backend() != "gpu"
+    return mosaic_attention(
+        q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        block_sizes=block_sizes, interpret=interpret,
+    )
   return cudnn_attention(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,

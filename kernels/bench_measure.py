@@ -32,7 +32,7 @@ import numpy as np
 from kernels.attention import dot_product_attention
 from kernels.reference import reference_attention
 
-IMPLEMENTATIONS = ("pallas", "xla", "cudnn", "jax-triton")
+IMPLEMENTATIONS = ("pallas", "mosaic", "xla", "cudnn", "jax-triton")
 PASSES = ("fwd", "fwd+bwd")
 BWD_FLOP_FACTOR = 3.5  # fwd+bwd = 2.5 backward matmul passes + 1 forward.
 FLOP_FORMULA = (
@@ -85,7 +85,11 @@ def label(implementation: str) -> str:
 def attention_fn(implementation: str, causal: bool):
   """f(q, k, v) -> out for one implementation; ValueError if unavailable."""
   interpret = not on_gpu()
-  if implementation in ("pallas", "xla", "cudnn"):
+  if implementation == "mosaic" and interpret:
+    # Mosaic GPU's stock interpreter cannot run an attention kernel yet (the
+    # test suite patches it, see tests/kernels/mosaic_interpret.py).
+    raise ValueError("mosaic: needs a Hopper GPU (compute capability 9.x).")
+  if implementation in ("pallas", "mosaic", "xla", "cudnn"):
     extra = {"interpret": interpret} if implementation == "pallas" else {}
     return lambda q, k, v: dot_product_attention(
         q, k, v, causal=causal, implementation=implementation, **extra)

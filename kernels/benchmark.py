@@ -1,4 +1,4 @@
-"""Attention benchmark: our Pallas kernel against XLA, cuDNN and JAX's Triton kernel.
+"""Attention benchmark: our Pallas kernels against XLA, cuDNN and JAX's Triton kernel.
 
 Launch (GPU, the default sweep; the FlashAttention papers' setting):
 
@@ -7,7 +7,8 @@ Launch (GPU, the default sweep; the FlashAttention papers' setting):
   (or `fusedlm-attention-bench --out=bench_out/h100`). It sweeps bf16,
   batch * seq = 16384 tokens, heads * head_dim = 2048, head dims 64 and 128,
   seq 512 to 16384, causal and not, forward and forward+backward, over the
-  implementations pallas (ours), xla, cudnn and jax-triton
+  implementations pallas (ours, Triton), mosaic (ours, Mosaic GPU; Hopper
+  only), xla, cudnn and jax-triton
   (`jax.experimental.pallas.ops.gpu.attention.mha`).
 
 Smoke run (tiny sizes; the default on a CPU, where Pallas runs interpreted):

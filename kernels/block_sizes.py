@@ -132,3 +132,13 @@ def check_fits(blocks: BlockSizes, head_dim: int, itemsize: int):
           f" {SMEM_BYTES} a GPU block can hold; use smaller blocks or fewer"
           " stages."
       )
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  """x padded with `value` at the end of `axis` to length `size` (tiles are
+  whole: the kernels mask or slice away what this adds)."""
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)

@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import masking, pallas_tiles, triton_notice, variants
-from kernels.block_sizes import BlockSizes, check_fits, clamp, padded_head_dim
+from kernels.block_sizes import BlockSizes, check_fits, clamp, pad_axis, padded_head_dim
 from kernels.pallas_tiles import Static
 
 LN2 = math.log(2.0)
@@ -351,14 +351,6 @@ def _flash_bwd(st: Static, residuals, cotangent):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_axis(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "scale", "block_sizes", "interpret",
@@ -467,16 +459,16 @@ def attention_any_backend(q, k, v, *, causal=False, scale=None,
       clamp(b, shape.kv_len) for b in (bs.block_k, bs.block_k_dkv, bs.block_k_dq))
   kv_pad = pl.cdiv(shape.kv_len, kv_block) * kv_block
 
-  qp = _pad_axis(_pad_axis(q, 3, head_pad), 1, q_pad)
-  kp = _pad_axis(_pad_axis(k, 3, head_pad), 1, kv_pad)
-  vp = _pad_axis(_pad_axis(v, 3, v_head_pad), 1, kv_pad)
+  qp = pad_axis(pad_axis(q, 3, head_pad), 1, q_pad)
+  kp = pad_axis(pad_axis(k, 3, head_pad), 1, kv_pad)
+  vp = pad_axis(pad_axis(v, 3, v_head_pad), 1, kv_pad)
   if segments is not None:
     q_segments, kv_segments = segments
     segments = (
-        _pad_axis(q_segments, 1, q_pad),
-        _pad_axis(kv_segments, 1, kv_pad, value=masking.PAD_SEGMENT),
+        pad_axis(q_segments, 1, q_pad),
+        pad_axis(kv_segments, 1, kv_pad, value=masking.PAD_SEGMENT),
     )
-  pad_lengths = lambda x: _pad_axis(_pad_axis(x, 2, q_pad), 3, kv_pad)
+  pad_lengths = lambda x: pad_axis(pad_axis(x, 2, q_pad), 3, kv_pad)
   extras = _Extras(
       None if bias is None else pad_lengths(bias),
       # int8: nonzero = attend; padded rows and keys are hidden.

@@ -87,7 +87,7 @@ class ModelConfig:
   # Rematerialise each block's activations in the backward pass (saves memory).
   remat: bool = False
   # Attention implementation: "auto" (pallas on GPU, xla elsewhere), "pallas",
-  # "xla" or "cudnn"; see kernels.attention.
+  # "xla", "cudnn" or "mosaic" (Hopper; bfloat16/float16); see kernels.attention.
   attention: str = "auto"
   # Classes of the sequence-classification head; 0 = no head. The encoder pools
   # the first token, the decoder the last real one.
@@ -229,9 +229,9 @@ def _validate(cfg: ModelConfig):
       ("sliding_window", cfg.sliding_window > 0),
       ("attention_soft_cap", cfg.attention_soft_cap > 0.0),
       ("position='relative'", cfg.position == "relative")) if on]
-  if cfg.attention == "cudnn" and variants:
+  if cfg.attention in ("cudnn", "mosaic") and variants:
     raise ValueError(
-        f"attention='cudnn' does not take {', '.join(variants)}; use"
+        f"attention={cfg.attention!r} does not take {', '.join(variants)}; use"
         " attention='pallas', 'xla' or 'auto'.")
   if cfg.layer_norm_eps <= 0.0:
     raise ValueError(
