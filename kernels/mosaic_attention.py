@@ -841,6 +841,23 @@ def mosaic_attention(
   the kernels in Pallas' Mosaic GPU interpreter on any backend (JAX >= 0.11);
   otherwise they compile for sm_90a and need a compute-capability-9.x GPU.
   """
+  if _interpret_params(interpret) is False:
+    _check_device()
+  return attention_any_backend(
+      q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+      block_sizes=block_sizes, interpret=interpret)
+
+
+def attention_any_backend(q, k, v, *, causal=False, scale=None,
+                          key_padding_mask=None, segment_ids=None,
+                          kv_segment_ids=None, block_sizes=None,
+                          interpret=False):
+  """`mosaic_attention` without its device check, unjitted.
+
+  For compiling the kernels for an H100 on a machine without one
+  (`kernels.mosaic_inspect`); callers should use `mosaic_attention`.
+  """
   shape = masking.check_qkv(q, k, v)
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(
@@ -866,8 +883,6 @@ def mosaic_attention(
   segments = masking.segments_from_masks(
       shape, key_padding_mask, segment_ids, kv_segment_ids)
   params = _interpret_params(interpret)
-  if params is False:
-    _check_device()
   st = _Static(
       scale=masking.default_scale(shape.head_dim, scale),
       causal=bool(causal), q_len=shape.q_len, kv_len=shape.kv_len,
