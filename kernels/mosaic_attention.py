@@ -38,7 +38,7 @@ float16, written for what Hopper has and Triton does not let us steer
     adds would need a float32 dQ in global memory and its conversion.
 
 Mosaic GPU needs a head dim that fills whole 128-byte swizzled rows: it is
-padded to a multiple of 64 (at most 256); the lengths are padded to the
+padded to a multiple of 64 (at most 128, see MAX_HEAD_DIM); the lengths are padded to the
 tiles and padded keys are masked. `interpret=` runs the kernels in Pallas'
 Mosaic GPU interpreter (JAX >= 0.11) on any machine; the test suite does so.
 """
@@ -62,12 +62,17 @@ from kernels.block_sizes import pad_axis
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024  # Largest shared-memory carve-out per block (H100).
-MAX_HEAD_DIM = 256  # wgmma's N (the PV product's head dim) is at most 256.
+# dK and dV accumulators of a 64-key block at head dim d take d registers a
+# thread together (2 x 64 x d float32 over 128 threads); past 128 they do not
+# fit a consumer's 240 beside the tiles, and the dQ kernel's shared memory
+# passes 227 KiB. Head dim 256 needs the accumulators split over the head
+# dim: not built; 'pallas' takes it.
+MAX_HEAD_DIM = 128
 HEAD_DIM_QUANTUM = 64  # 64 16-bit elements: one 128-byte swizzled row.
 MIN_JAX = (0, 11)
 COMPUTE_WARPGROUPS = 2
-PRODUCER_REGISTERS = 40
-CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 24
+CONSUMER_REGISTERS = 240
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -117,10 +122,11 @@ class MosaicBlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int) -> "MosaicBlockSizes":
-    """The table: 128-key tiles up to head dim 128, 64 beyond (shared memory)."""
-    if head_dim <= 128:
-      return cls()
-    return cls(block_kv=64)
+    """The table (head dims 64 and 128): the defaults, compiled without
+    spills for sm_90a (`python -m kernels.mosaic_inspect`); not yet tuned
+    on a GPU."""
+    del head_dim
+    return cls()
 
   def smem_bytes(self, head_dim: int, itemsize: int) -> dict[str, int]:
     """Shared memory of each kernel's scratch (tiles and row vectors)."""
@@ -186,8 +192,16 @@ def _zeros_acc(rows: int, cols: int):
                            plgpu.Layout.WGMMA)
 
 
-def _iota(shape, axis: int):
-  return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+def _positions(start, shape, axis: int):
+  """start + the index along `axis` of a [rows, cols] WGMMA tile, int32.
+
+  Built as a vector (a thread holds 2 rows, or 16 columns of 64) and then
+  broadcast, rather than as a full tile iota: the kernels that hold two
+  accumulators have no registers for two [64, 64] int32 tiles.
+  """
+  layout = plgpu.Layout.WGMMA.reduce(1 - axis)
+  vector = plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0, layout=layout)
+  return lax.broadcast_in_dim(start + vector, shape, [axis])
 
 
 def _visible(st: _Static, rows, cols, q_ids=None, kv_ids=None, *, causal,
@@ -319,8 +333,8 @@ def _forward(q, k, v, segments, st: _Static):
                                 layout=plgpu.Layout.WGMMA.reduce(0))
             ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
                    lax.broadcast_in_dim(kv_ids, shape, [1]))
-          visible = _visible(st, first + _iota(shape, 0),
-                             j * bkv + _iota(shape, 1), *ids,
+          visible = _visible(st, _positions(first, shape, 0),
+                             _positions(j * bkv, shape, 1), *ids,
                              causal=st.causal, tail=tail)
           s = jnp.where(visible, s, -jnp.inf)
         # K (and the slot's ids) are read: the producer may refill them.
@@ -488,8 +502,8 @@ def _backward_dq(q, k, v, segments, do, lse, delta, st: _Static):
                                 layout=plgpu.Layout.WGMMA.reduce(0))
             ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
                    lax.broadcast_in_dim(kv_ids, shape, [1]))
-          visible = _visible(st, first + _iota(shape, 0),
-                             j * bkv + _iota(shape, 1), *ids,
+          visible = _visible(st, _positions(first, shape, 0),
+                             _positions(j * bkv, shape, 1), *ids,
                              causal=st.causal, tail=tail)
           s = jnp.where(visible, s, -jnp.inf)
         # L = +inf on a row that sees no key, so P = 0 there.
@@ -659,22 +673,27 @@ def _backward_dkv(q, k, v, segments, do, lse, delta, st: _Static):
             q_ids = plgpu.load(qseg_ring.at[slot], layout=col_layout)
             ids = (lax.broadcast_in_dim(q_ids, shape, [1]),
                    lax.broadcast_in_dim(kv_ids, shape, [0]))
-          visible = _visible(st, i * bq + _iota(shape, 1),
-                             key_first + _iota(shape, 0), *ids,
+          visible = _visible(st, _positions(i * bq, shape, 1),
+                             _positions(key_first, shape, 0), *ids,
                              causal=st.causal, tail=False)
           s_t = jnp.where(visible, s_t, -jnp.inf)
         lse = plgpu.load(lse_ring.at[slot], layout=col_layout)
-        p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, shape, [1]))
+        # P is kept only in the input dtype: dV's product takes it so, and
+        # dS = P (dP - D) from it is rounded to that dtype for dK's product
+        # anyway. The float32 copy (32 registers a thread) made this kernel,
+        # which holds dK and dV, spill at head dim 128.
+        p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, shape, [1])).astype(dtype)
 
         def dv_and_dp(refs):
           # Both products in one scope: one wgmma wait for the pair.
           dv_ref_, dp_ref_ = refs
-          plgpu.wgmma(dv_ref_, p_t.astype(dtype), do_ring.at[slot])
+          plgpu.wgmma(dv_ref_, p_t, do_ring.at[slot])
           plgpu.wgmma(dp_ref_, v_smem.at[wg], do_ring.at[slot].transpose((1, 0)))
         dv_acc, dp_t = pl.run_state(dv_and_dp)(
             (plgpu.ACC.init(dv_acc), plgpu.ACC.init(_zeros_acc(*shape))))
         delta = plgpu.load(delta_ring.at[slot], layout=col_layout)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
+        ds_t = p_t.astype(jnp.float32) * (
+            dp_t - lax.broadcast_in_dim(delta, shape, [1]))
 
         def dk_product(acc_ref):
           plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_ring.at[slot])
@@ -836,10 +855,11 @@ def mosaic_attention(
 ):  # -> [batch, q_len, num_heads, v_head_dim], q.dtype
   """Fused attention on Hopper through Mosaic GPU, differentiable in q, k, v.
 
-  Mask semantics are those of `kernels.masking`. bfloat16 or float16;
-  head dims up to 256. `interpret=True` (or an `InterpretGPUParams`) runs
-  the kernels in Pallas' Mosaic GPU interpreter on any backend (JAX >= 0.11);
-  otherwise they compile for sm_90a and need a compute-capability-9.x GPU.
+  Mask semantics are those of `kernels.masking`. bfloat16 or float16; head
+  dims up to 128 (padded to 64 or 128). `interpret=True` (or an
+  `InterpretGPUParams`) runs the kernels in Pallas' Mosaic GPU interpreter on
+  any backend (JAX >= 0.11); otherwise they compile for sm_90a and need a
+  compute-capability-9.x GPU.
   """
   if _interpret_params(interpret) is False:
     _check_device()

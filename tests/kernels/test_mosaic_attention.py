@@ -129,9 +129,9 @@ def test_refuses_float32():
     mosaic_attention(*_qkv(jnp.float32), interpret=True)
 
 
-def test_refuses_head_dims_over_256():
-  with pytest.raises(ValueError, match="head dims up to 256, got 320"):
-    mosaic_attention(*_qkv(head_dim=320), interpret=True)
+def test_refuses_head_dims_over_128():
+  with pytest.raises(ValueError, match="head dims up to 128, got 256"):
+    mosaic_attention(*_qkv(head_dim=256), interpret=True)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -146,9 +146,9 @@ def test_block_sizes_are_checked(field, value, message):
 
 
 def test_shared_memory_over_the_h100s_is_refused():
-  too_big = MosaicBlockSizes(block_kv=256, num_stages=4)
+  too_big = MosaicBlockSizes(block_kv=256, num_stages=3)
   with pytest.raises(ValueError, match="shared memory in the forward kernel"):
-    mosaic_attention(*_qkv(head_dim=256), block_sizes=too_big, interpret=True)
+    mosaic_attention(*_qkv(head_dim=128), block_sizes=too_big, interpret=True)
 
 
 def test_block_sizes_of_the_triton_kernel_are_refused():
