@@ -6,7 +6,7 @@ from kernels.attention import (
     resolve_implementation,
 )
 from kernels.block_sizes import BlockSizes
-from kernels.mosaic_attention import MosaicBlockSizes, mosaic_attention
+from kernels.mosaic_attention import MosaicBlockSizes
 from kernels.pallas_attention import flash_attention
 from kernels.triton_notice import TritonBackendNotice
 from kernels.reference import reference_attention
@@ -18,7 +18,6 @@ __all__ = [
     "TritonBackendNotice",
     "dot_product_attention",
     "flash_attention",
-    "mosaic_attention",
     "reference_attention",
     "resolve_implementation",
 ]

@@ -435,6 +435,7 @@ def _forward(q, k, v, segments, st: _Static):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=_compiler_params(),
+      kernel_name="fusedlm_mosaic_fwd",
       interpret=st.interpret or None,
   )(*args)
 
@@ -580,6 +581,7 @@ def _backward_dq(q, k, v, segments, do, lse, delta, st: _Static):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=_compiler_params(),
+      kernel_name="fusedlm_mosaic_bwd_dq",
       interpret=st.interpret or None,
   )(*args)
 
@@ -772,6 +774,7 @@ def _backward_dkv(q, k, v, segments, do, lse, delta, st: _Static):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=_compiler_params(),
+      kernel_name="fusedlm_mosaic_bwd_dkv",
       interpret=st.interpret or None,
   )(*args)
 

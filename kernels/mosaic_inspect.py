@@ -3,12 +3,14 @@
 Launch (no GPU needed; JAX >= 0.11, its CUDA plugin and ptxas):
 
   pip install --no-deps jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2
-  pip install "nvidia-cuda-nvcc>=13.0.48,<14" "nvidia-cuda-runtime>=13.0.48,<14"
-  python -m kernels.mosaic_inspect                      # JAX's attention_mgpu, D=64,128
-  python -m kernels.mosaic_inspect --head_dims=128 --passes=bwd --blocks=block_kv_dkv=128
+  pip install "nvidia-cuda-nvcc>=13.0.48,<14"
+  python -m kernels.mosaic_inspect                      # ours, D=64,128, fwd and bwd
+  python -m kernels.mosaic_inspect --head_dims=128 --passes=bwd --causal --group=4
+  python -m kernels.mosaic_inspect --kernel=jax --blocks=block_kv_dkv=128  # JAX's
 
 (ptxas: from nvidia-cuda-nvcc, or a CUDA toolkit in /usr/local/cuda or
-$CUDA_ROOT; the CUDA runtime only because attention_mgpu asks its version.)
+$CUDA_ROOT; `--kernel=jax` also needs `pip install "nvidia-cuda-runtime>=13.0.48,<14"`,
+because attention_mgpu asks the CUDA runtime's version while tracing.)
 One forward kernel compiles in about 1-2 s on a CPU, forward + backward in 5-10 s.
 
 `inspect(fn, *args)` jits `fn` for a compile-only H100 (a CUDA topology made
@@ -342,7 +344,39 @@ def format_row(label: str, report: KernelReport) -> str:
           + ("; ".join(report.ptxas_warnings) or "-"))
 
 
-# --- The command: JAX's own FlashAttention-3 (attention_mgpu) until ours lands.
+# --- The command: our kernel (kernels.mosaic_attention), or JAX's own
+# FlashAttention-3 (attention_mgpu) beside it for comparison.
+
+
+def fusedlm_case(head_dim: int, seq_len: int, heads: int, passes: str,
+                 dtype: str = "float16", *, causal: bool = False,
+                 segments: bool = False, group: int = 1,
+                 blocks: dict[str, int] | None = None):
+  """(fn, args) of our Mosaic kernel at [1, seq_len, heads, head_dim].
+
+  passes "fwd" compiles the forward kernel, "bwd" the gradient w.r.t. q, k,
+  v: the forward kernel (with L), then dQ, then dK/dV. group: query heads
+  per K/V head; segments: packed-sequence ids (every tile masked).
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from kernels.mosaic_attention import MosaicBlockSizes, attention_any_backend
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  block_sizes = MosaicBlockSizes(**(blocks or {}))
+  q = jax.ShapeDtypeStruct((1, seq_len, heads, head_dim), jnp.dtype(dtype))
+  kv = jax.ShapeDtypeStruct((1, seq_len, heads // group, head_dim), jnp.dtype(dtype))
+  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+
+  def forward(q, k, v, ids):
+    return attention_any_backend(
+        q, k, v, causal=causal, segment_ids=ids if segments else None,
+        block_sizes=block_sizes)
+
+  def backward(q, k, v, ids):
+    loss = lambda *qkv: forward(*qkv, ids).astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  return {"fwd": forward, "bwd": backward}[passes], (q, kv, kv, ids)
+
 
 
 def attention_mgpu_case(head_dim: int, seq_len: int, heads: int, passes: str,
@@ -378,14 +412,21 @@ def attention_mgpu_case(head_dim: int, seq_len: int, heads: int, passes: str,
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   f = dict(flag_values=flag_values)
+  flags.DEFINE_enum("kernel", "fusedlm", ["fusedlm", "jax"], "fusedlm: ours"
+                    " (kernels.mosaic_attention); jax: JAX's attention_mgpu", **f)
+  flags.DEFINE_bool("causal", False, "causal mask (ours)", **f)
+  flags.DEFINE_bool("segments", False, "segment ids (ours)", **f)
+  flags.DEFINE_integer("group", 1, "query heads per K/V head (ours)",
+                       lower_bound=1, **f)
   flags.DEFINE_list("head_dims", ["64", "128"], "comma list of head dims", **f)
   flags.DEFINE_integer("seq_len", 2048, "sequence length", lower_bound=64, **f)
   flags.DEFINE_integer("heads", 8, "query (= key/value) heads", lower_bound=1, **f)
   flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16"], "input dtype", **f)
   flags.DEFINE_list("passes", ["fwd", "bwd"], "fwd (forward kernel) and/or bwd"
                     " (forward + dQ + dK/dV kernels of the gradient)", **f)
-  flags.DEFINE_list("blocks", [], "attention_mgpu.TuningConfig fields, e.g."
-                    " block_kv=64,block_kv_dkv=128,compute_wgs_bwd=2", **f)
+  flags.DEFINE_list("blocks", [], "MosaicBlockSizes fields (ours) or"
+                    " attention_mgpu.TuningConfig fields (jax), e.g."
+                    " block_kv=64,block_kv_dkv=128", **f)
 
 
 def blocks_from(items) -> dict[str, int]:
@@ -414,8 +455,13 @@ def run(f: flags.FlagValues) -> None:
   for head_dim in head_dims:
     for which in passes:
       try:
-        fn, args = attention_mgpu_case(head_dim, f.seq_len, f.heads, which, f.dtype,
-                                       blocks)
+        if f.kernel == "jax":
+          fn, args = attention_mgpu_case(head_dim, f.seq_len, f.heads, which,
+                                         f.dtype, blocks)
+        else:
+          fn, args = fusedlm_case(head_dim, f.seq_len, f.heads, which, f.dtype,
+                                  causal=f.causal, segments=f.segments,
+                                  group=f.group, blocks=blocks)
       except TypeError as e:
         raise ValueError(f"--blocks: {e}") from e
       start = time.perf_counter()

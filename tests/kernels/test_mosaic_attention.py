@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import MosaicBlockSizes, dot_product_attention, mosaic_attention
+from kernels import MosaicBlockSizes, dot_product_attention
+from kernels.mosaic_attention import mosaic_attention
 from tests.kernels import mosaic_interpret
 from tests.kernels.attention_cases import (
     TOLERANCE, Case, assert_close, make_inputs, output_and_grads,

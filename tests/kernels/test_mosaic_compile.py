@@ -1,15 +1,20 @@
-"""Mosaic GPU attention compiles for the H100 (sm_90a) on a CPU machine, and the report reads it.
+"""Our Mosaic GPU kernel compiles for the H100 (sm_90a) on a CPU machine, and the report reads it.
 
 `kernels.mosaic_inspect` compiles for a compile-only H100 (JAX >= 0.11, its
-CUDA plugin and ptxas; see the module's INSTALL) and parses Mosaic's dumps.
-Until our kernel lands this compiles JAX's own FlashAttention-3
-(`jax.experimental.pallas.ops.gpu.attention_mgpu`) forward at head dims 64 and
-128 and checks: one kernel, registers in (0, 255], no spills, its matrix
-products are wgmma and its loads TMA, shared memory within 227 KiB.
+CUDA plugin and ptxas; see the module's docstring) and parses Mosaic's dumps.
+For `kernels.mosaic_attention`'s forward and backward at head dims 64 and
+128, causal or not, with segment ids or not, and grouped-query heads (4:1),
+each of its three kernels (forward, dQ, dK/dV) must:
+
+  * compile for sm_90a, with the three warpgroups (384 threads) it is written for;
+  * not spill (a consumer holding dK and dV at 240 registers is the tight one);
+  * fit the H100's 227 KiB of shared memory;
+  * do its products with wgmma, of the head dim's N where that is the N, and
+    load through TMA.
 
 The parser is also checked on a canned ptxas log / PTX / launch (every JAX);
 the compiling tests skip, with the reason, where JAX < 0.11 or the plugin or
-ptxas is missing.
+ptxas is missing (CI's second pass, Python 3.12 / JAX 0.11.2, installs them).
 """
 
 import jax
@@ -20,6 +25,16 @@ from kernels import mosaic_inspect as mi
 
 SEQ_LEN = 2048
 HEADS = 8
+KERNELS = ("fusedlm_mosaic_fwd", "fusedlm_mosaic_bwd_dq", "fusedlm_mosaic_bwd_dkv")
+SETTINGS = [
+    dict(head_dim=d, causal=c, segments=s, group=1)
+    for d in (64, 128) for c in (False, True) for s in (False, True)
+] + [dict(head_dim=d, causal=True, segments=False, group=4) for d in (64, 128)]
+
+
+def _id(setting):
+  return (f"d{setting['head_dim']}_{'causal' if setting['causal'] else 'full'}"
+          f"{'_segments' if setting['segments'] else ''}_g{setting['group']}")
 
 
 @pytest.fixture(scope="module")
@@ -30,36 +45,33 @@ def compiler():
     pytest.skip(f"cannot compile Mosaic GPU kernels here: {e}")
 
 
-@pytest.fixture(scope="module")
-def forward_reports(compiler):
+@pytest.mark.parametrize("setting", SETTINGS, ids=_id)
+def test_forward_and_backward_compile_for_sm90_without_spills(compiler, setting):
   del compiler
-  out = {}
-  for head_dim in (64, 128):
-    fn, args = mi.attention_mgpu_case(head_dim, SEQ_LEN, HEADS, "fwd")
-    out[head_dim] = mi.inspect(fn, *args)
-  return out
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_forward_compiles_for_sm90_with_wgmma_and_tma(forward_reports, head_dim):
-  reports = forward_reports[head_dim]
-  table = "\n".join([mi.HEADER] + [mi.format_row(f"D={head_dim} fwd", r) for r in reports])
-  assert len(reports) == 1, table
-  r = reports[0]
-  assert 0 < r.registers <= 255, table
-  assert r.spill_store_bytes == r.spill_load_bytes == 0, table
-  assert r.wgmma_count > 0 and r.tma_loads > 0, table
-  # Q, K and V blocks of head_dim halves at least: more than the 48 KiB a
-  # kernel gets without opting in, within the 227 KiB it can opt into.
-  assert 48 * 1024 < r.smem_bytes <= mi.SMEM_LIMIT, table
-  # The P @ V product's N is the head dim (128 at most per instruction).
-  assert f"m64n{min(head_dim, 128)}k16" in r.wgmma, table
+  head_dim = setting["head_dim"]
+  fn, args = mi.fusedlm_case(head_dim, SEQ_LEN, HEADS, "bwd",
+                             causal=setting["causal"], segments=setting["segments"],
+                             group=setting["group"])
+  reports = mi.inspect(fn, *args)
+  table = "\n".join([mi.HEADER] + [mi.format_row(_id(setting), r) for r in reports])
+  assert tuple(r.name for r in reports) == KERNELS, table
+  for r in reports:
+    assert r.threads == 384, table  # two consumer warpgroups and a producer
+    assert 0 < r.registers <= 255, table
+    assert r.spill_store_bytes == r.spill_load_bytes == 0, table
+    assert r.smem_bytes <= mi.SMEM_LIMIT, table
+    assert r.wgmma_count > 0 and r.tma_loads > 0, table
+  forward, dq, dkv = reports
+  # P @ V (forward) and dS @ K (dQ) have the head dim as N; dK/dV's S^T and
+  # dP^T have the query tile (64).
+  assert f"m64n{head_dim}k16" in forward.wgmma, table
+  assert f"m64n{head_dim}k16" in dq.wgmma and "m64n64k16" in dkv.wgmma, table
 
 
 def test_every_call_compiles_again(compiler):
   """JAX's caches would serve a second compile of the same function without a dump."""
   del compiler
-  fn, args = mi.attention_mgpu_case(64, 1024, 1, "fwd")
+  fn, args = mi.fusedlm_case(64, 256, 1, "fwd")
   first, second = mi.inspect(fn, *args), mi.inspect(fn, *args)
   assert first == second and len(first) == 1
 
