@@ -208,19 +208,20 @@ def _visible(st: _Static, rows, cols, q_ids=None, kv_ids=None, *, causal,
              tail):
   """Which (query, key) pairs of a tile may attend: [rows, cols] bool or None.
 
-  rows / cols: the tile's query and key positions as [.., ..] int32 arrays
-  in the WGMMA layout (either may be the tile's first or second axis);
-  q_ids / kv_ids: their segment ids broadcast alike. causal / tail say
-  which edges this tile may straddle (static), so a tile that straddles
-  none is never masked.
+  rows / cols: thunks of the tile's query and key positions, [.., ..] int32
+  arrays in the WGMMA layout (either may be the tile's first or second
+  axis), built only when a mask needs them: an unused iota has no layout for
+  Mosaic's layout inference to find. q_ids / kv_ids: their segment ids
+  broadcast alike. causal / tail say which edges this tile may straddle
+  (static), so a tile that straddles none is never masked.
   """
   mask = None
   def both(a, b):
     return b if a is None else a & b
   if causal:
-    mask = both(mask, cols <= rows + st.offset)
+    mask = both(mask, cols() <= rows() + st.offset)
   if tail:
-    mask = both(mask, cols < st.kv_len)
+    mask = both(mask, cols() < st.kv_len)
   if q_ids is not None:
     mask = both(mask, q_ids == kv_ids)
   return mask
@@ -333,8 +334,9 @@ def _forward(q, k, v, segments, st: _Static):
                                 layout=plgpu.Layout.WGMMA.reduce(0))
             ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
                    lax.broadcast_in_dim(kv_ids, shape, [1]))
-          visible = _visible(st, _positions(first, shape, 0),
-                             _positions(j * bkv, shape, 1), *ids,
+          visible = _visible(st, functools.partial(_positions, first, shape, 0),
+                             functools.partial(_positions, j * bkv, shape, 1),
+                             *ids,
                              causal=st.causal, tail=tail)
           s = jnp.where(visible, s, -jnp.inf)
         # K (and the slot's ids) are read: the producer may refill them.
@@ -503,8 +505,9 @@ def _backward_dq(q, k, v, segments, do, lse, delta, st: _Static):
                                 layout=plgpu.Layout.WGMMA.reduce(0))
             ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
                    lax.broadcast_in_dim(kv_ids, shape, [1]))
-          visible = _visible(st, _positions(first, shape, 0),
-                             _positions(j * bkv, shape, 1), *ids,
+          visible = _visible(st, functools.partial(_positions, first, shape, 0),
+                             functools.partial(_positions, j * bkv, shape, 1),
+                             *ids,
                              causal=st.causal, tail=tail)
           s = jnp.where(visible, s, -jnp.inf)
         # L = +inf on a row that sees no key, so P = 0 there.
@@ -675,8 +678,9 @@ def _backward_dkv(q, k, v, segments, do, lse, delta, st: _Static):
             q_ids = plgpu.load(qseg_ring.at[slot], layout=col_layout)
             ids = (lax.broadcast_in_dim(q_ids, shape, [1]),
                    lax.broadcast_in_dim(kv_ids, shape, [0]))
-          visible = _visible(st, _positions(i * bq, shape, 1),
-                             _positions(key_first, shape, 0), *ids,
+          visible = _visible(st, functools.partial(_positions, i * bq, shape, 1),
+                             functools.partial(_positions, key_first, shape, 0),
+                             *ids,
                              causal=st.causal, tail=False)
           s_t = jnp.where(visible, s_t, -jnp.inf)
         lse = plgpu.load(lse_ring.at[slot], layout=col_layout)

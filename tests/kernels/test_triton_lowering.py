@@ -6,11 +6,22 @@ powers of two, unsupported primitives). Compiling that IR to PTX, and the
 numbers, are left to the `gpu`-marked tests.
 """
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from kernels import BlockSizes, flash_attention
+from kernels.mosaic_inspect import PLUGINS
+
+# JAX >= 0.11 with its CUDA plugin installed compiles Triton kernels while
+# lowering, which needs a GPU; CI's second pass installs the plugin (for the
+# Mosaic compile test), its first pass (JAX 0.10.2) runs this.
+_COMPILES_AT_LOWERING = (
+    jax.__version_info__ >= (0, 11)
+    and any(importlib.util.find_spec(p) for p in PLUGINS)
+    and jax.default_backend() != "gpu")
 
 
 def lower_forward_and_backward_for_cuda(q, k, causal, masks, block_sizes):
@@ -29,6 +40,10 @@ def lower_forward_and_backward_for_cuda(q, k, causal, masks, block_sizes):
     (False, ("segment_ids",), 256, 256, 2),
     (True, ("key_padding_mask", "segment_ids", "kv_segment_ids"), 100, 300, 4),
 ])
+@pytest.mark.skipif(
+    _COMPILES_AT_LOWERING,
+    reason="JAX >= 0.11 with a CUDA plugin compiles Triton kernels at lowering"
+    " (needs a GPU); the JAX 0.10.2 pass lowers them")
 def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
                                  kv_heads, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
