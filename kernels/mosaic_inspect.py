@@ -331,7 +331,7 @@ def inspect(fn: Callable[..., Any], *args: Any) -> list[KernelReport]:
   return reports
 
 
-HEADER = (f"{'setting':<24} {'kernel':<12} {'thr':>4} {'regs':>5} {'spill st/ld B':>13}"
+HEADER = (f"{'setting':<24} {'kernel':<24} {'thr':>4} {'regs':>5} {'spill st/ld B':>13}"
           f" {'smem KiB':>8} {'wgmma (shape x count)':<34} {'tma ld/st':>9}  warnings")
 
 
@@ -339,7 +339,7 @@ def format_row(label: str, report: KernelReport) -> str:
   spills = f"{report.spill_store_bytes}/{report.spill_load_bytes}"
   shapes = " ".join(f"{s}x{n}" for s, n in report.wgmma.items()) or "-"
   tma = f"{report.tma_loads}/{report.tma_stores}"
-  return (f"{label:<24} {report.name:<12} {report.threads:>4} {report.registers:>5}"
+  return (f"{label:<24} {report.name:<24} {report.threads:>4} {report.registers:>5}"
           f" {spills:>13} {report.smem_bytes / 1024:>8.1f} {shapes:<34} {tma:>9}  "
           + ("; ".join(report.ptxas_warnings) or "-"))
 
@@ -467,8 +467,12 @@ def run(f: flags.FlagValues) -> None:
       start = time.perf_counter()
       reports = inspect(fn, *args)
       seconds = time.perf_counter() - start
+      label = f"D={head_dim} {which}"
+      if f.kernel == "fusedlm":
+        label += ((" causal" if f.causal else "") + (" seg" if f.segments else "")
+                  + (f" g{f.group}" if f.group > 1 else ""))
       for report in reports:
-        print(format_row(f"D={head_dim} {which} ({seconds:.1f}s)", report), flush=True)
+        print(format_row(f"{label} ({seconds:.1f}s)", report), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
