@@ -140,12 +140,16 @@ def dot_product_attention(
         f"implementation={implementation!r} is not wired for"
         f" {', '.join(given)}; use 'pallas' or 'xla', which take every variant.")
   if implementation == "mosaic":
-    if interpret is None:
-      interpret = jax.default_backend() != "gpu"
+    if interpret is None and jax.default_backend() != "gpu":
+      raise ValueError(
+          "implementation='mosaic' runs on Hopper GPUs; on the"
+          f" {jax.default_backend()!r} backend use 'pallas' or 'xla' (Mosaic"
+          " GPU's stock interpreter cannot run it yet: the tests patch it, see"
+          " tests/kernels/mosaic_interpret.py).")
     return mosaic_attention(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        block_sizes=block_sizes, interpret=interpret,
+        block_sizes=block_sizes, interpret=interpret or False,
     )
   return cudnn_attention(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,

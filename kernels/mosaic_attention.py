@@ -868,7 +868,7 @@ def mosaic_attention(
   any backend (JAX >= 0.11); otherwise they compile for sm_90a and need a
   compute-capability-9.x GPU.
   """
-  if _interpret_params(interpret) is False:
+  if interpret is False or interpret is None:
     _check_device()
   return attention_any_backend(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,

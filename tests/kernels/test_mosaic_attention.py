@@ -167,3 +167,9 @@ def test_compiled_mode_off_gpu_names_the_way_out():
 def test_variants_it_does_not_take_are_refused():
   with pytest.raises(ValueError, match="'mosaic' is not wired for logits_soft_cap"):
     dot_product_attention(*_qkv(), logits_soft_cap=5.0, implementation="mosaic")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")
+def test_entry_point_off_gpu_says_where_it_runs():
+  with pytest.raises(ValueError, match="'mosaic' runs on Hopper GPUs.*'pallas' or 'xla'"):
+    dot_product_attention(*_qkv(), implementation="mosaic")
