@@ -204,27 +204,32 @@ def _positions(start, shape, axis: int):
   return lax.broadcast_in_dim(start + vector, shape, [axis])
 
 
-def _visible(st: _Static, rows, cols, q_ids=None, kv_ids=None, *, causal,
-             tail):
-  """Which (query, key) pairs of a tile may attend: [rows, cols] bool or None.
+def _hide(st: _Static, s, q_first, kv_first, q_ids=None, kv_ids=None, *,
+          q_axis: int, tail: bool):
+  """The scores s of one tile with the pairs that may not attend at -inf.
 
-  rows / cols: thunks of the tile's query and key positions, [.., ..] int32
-  arrays in the WGMMA layout (either may be the tile's first or second
-  axis), built only when a mask needs them: an unused iota has no layout for
-  Mosaic's layout inference to find. q_ids / kv_ids: their segment ids
-  broadcast alike. causal / tail say which edges this tile may straddle
-  (static), so a tile that straddles none is never masked.
+  s: [rows, cols] float32 in the WGMMA layout, queries along `q_axis` (0;
+  1 in the dK/dV kernel's transposed tiles), keys along the other, the
+  tile's first query and key at q_first / kv_first. q_ids / kv_ids: the
+  tile's segment id vectors (WGMMA.reduce(1 - axis) layouts), or None.
+  Causal masking follows st.causal; tail: also hide padded keys. Positions
+  are built only for the masks that need them: an unused iota has no layout
+  for Mosaic's layout inference to find.
   """
-  mask = None
-  def both(a, b):
-    return b if a is None else a & b
-  if causal:
-    mask = both(mask, cols() <= rows() + st.offset)
-  if tail:
-    mask = both(mask, cols() < st.kv_len)
+  shape, kv_axis = s.shape, 1 - q_axis
+  visible = None
+  def both(mask):
+    return mask if visible is None else visible & mask
+  if st.causal or tail:
+    keys = _positions(kv_first, shape, kv_axis)
+    if st.causal:
+      visible = both(keys <= _positions(q_first, shape, q_axis) + st.offset)
+    if tail:
+      visible = both(keys < st.kv_len)
   if q_ids is not None:
-    mask = both(mask, q_ids == kv_ids)
-  return mask
+    visible = both(lax.broadcast_in_dim(q_ids, shape, [q_axis])
+                   == lax.broadcast_in_dim(kv_ids, shape, [kv_axis]))
+  return jnp.where(visible, s, -jnp.inf)
 
 
 def _kv_steps(st: _Static, q_first, q_rows: int, block_kv: int):
@@ -270,7 +275,6 @@ def _forward(q, k, v, segments, st: _Static):
   """out [b, q_pad, h, d] (q.dtype) and L [b, h, q_pad] float32 (log2 units,
   +inf on a row that sees no key) from padded inputs."""
   b, q_pad, h, d = q.shape
-  kv_pad = k.shape[1]
   bq, bkv, stages = st.blocks.block_q, st.blocks.block_kv, st.blocks.num_stages
   wgs = COMPUTE_WARPGROUPS
   dtype = q.dtype
@@ -301,6 +305,7 @@ def _forward(q, k, v, segments, st: _Static):
       first = cta_first + wg * bq
       rows = (batch, pl.ds(first, bq), head)
       plgpu.copy_gmem_to_smem(q_ref.at[rows], qo_smem.at[wg], q_loaded.at[wg])
+      q_ids = None
       if st.has_segments:
         plgpu.copy_gmem_to_smem(qseg_ref.at[batch, pl.ds(first, bq)],
                                 qseg_smem.at[wg], q_loaded.at[wg + wgs])
@@ -326,19 +331,12 @@ def _forward(q, k, v, segments, st: _Static):
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
         if masked:
-          shape = (bq, bkv)
-          ids = None, None
+          kv_ids = None
           if st.has_segments:
             plgpu.barrier_wait(seg_loaded.at[slot])
             kv_ids = plgpu.load(kvseg_smem.at[slot],
                                 layout=plgpu.Layout.WGMMA.reduce(0))
-            ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
-                   lax.broadcast_in_dim(kv_ids, shape, [1]))
-          visible = _visible(st, functools.partial(_positions, first, shape, 0),
-                             functools.partial(_positions, j * bkv, shape, 1),
-                             *ids,
-                             causal=st.causal, tail=tail)
-          s = jnp.where(visible, s, -jnp.inf)
+          s = _hide(st, s, first, j * bkv, q_ids, kv_ids, q_axis=0, tail=tail)
         # K (and the slot's ids) are read: the producer may refill them.
         plgpu.barrier_arrive(k_consumed.at[slot])
 
@@ -499,17 +497,10 @@ def _backward_dq(q, k, v, segments, do, lse, delta, st: _Static):
           return acc_ref[...]
         s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
         if masked:
-          ids = None, None
-          if st.has_segments:
-            kv_ids = plgpu.load(kvseg_smem.at[slot],
-                                layout=plgpu.Layout.WGMMA.reduce(0))
-            ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
-                   lax.broadcast_in_dim(kv_ids, shape, [1]))
-          visible = _visible(st, functools.partial(_positions, first, shape, 0),
-                             functools.partial(_positions, j * bkv, shape, 1),
-                             *ids,
-                             causal=st.causal, tail=tail)
-          s = jnp.where(visible, s, -jnp.inf)
+          kv_ids = (plgpu.load(kvseg_smem.at[slot],
+                               layout=plgpu.Layout.WGMMA.reduce(0))
+                    if st.has_segments else None)
+          s = _hide(st, s, first, j * bkv, q_ids, kv_ids, q_axis=0, tail=tail)
         # L = +inf on a row that sees no key, so P = 0 there.
         p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, shape, [0]))
 
@@ -673,16 +664,10 @@ def _backward_dkv(q, k, v, segments, do, lse, delta, st: _Static):
           return acc_ref[...]
         s_t = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
         if masked:
-          ids = None, None
-          if st.has_segments:
-            q_ids = plgpu.load(qseg_ring.at[slot], layout=col_layout)
-            ids = (lax.broadcast_in_dim(q_ids, shape, [1]),
-                   lax.broadcast_in_dim(kv_ids, shape, [0]))
-          visible = _visible(st, functools.partial(_positions, i * bq, shape, 1),
-                             functools.partial(_positions, key_first, shape, 0),
-                             *ids,
-                             causal=st.causal, tail=False)
-          s_t = jnp.where(visible, s_t, -jnp.inf)
+          q_ids = (plgpu.load(qseg_ring.at[slot], layout=col_layout)
+                   if st.has_segments else None)
+          s_t = _hide(st, s_t, i * bq, key_first, q_ids, kv_ids, q_axis=1,
+                      tail=False)
         lse = plgpu.load(lse_ring.at[slot], layout=col_layout)
         # P is kept only in the input dtype: dV's product takes it so, and
         # dS = P (dP - D) from it is rounded to that dtype for dK's product
