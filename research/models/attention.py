@@ -85,7 +85,7 @@ def _heads_projection(cfg: ModelConfig, heads: int, name: str) -> nn.DenseGenera
   """[..., hidden] -> [..., heads, head_dim]."""
   return nn.DenseGeneral(
       (heads, cfg.head_dim), dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-      kernel_init=nn.initializers.normal(INIT_STD), name=name)
+      kernel_init=nn.initializers.normal(cfg.init_std), name=name)
 
 
 def _output_projection(cfg: ModelConfig, std: float) -> nn.DenseGeneral:
@@ -136,10 +136,11 @@ class RelativePositionBias(nn.Module):
   max_distance: int
   bidirectional: bool
   param_dtype: jnp.dtype = jnp.float32
+  init_std: float = INIT_STD
 
   @nn.compact
   def __call__(self, q_positions, kv_positions):  # [batch, q_len], [batch, kv_len]
-    table = self.param("embedding", nn.initializers.normal(INIT_STD),
+    table = self.param("embedding", nn.initializers.normal(self.init_std),
                        (self.num_buckets, self.num_heads), self.param_dtype)
     relative = kv_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S]
     buckets = relative_position_buckets(
@@ -185,7 +186,7 @@ class SelfAttention(nn.Module):
       variants["bias"] = RelativePositionBias(
           cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
           bidirectional=not mask.causal and cache is None,
-          param_dtype=cfg.params_dtype, name="relative_bias",
+          param_dtype=cfg.params_dtype, init_std=cfg.init_std, name="relative_bias",
       )(positions, kv_positions)
     if cfg.sliding_window:
       reach = cfg.sliding_window - 1

@@ -75,6 +75,10 @@ class ModelConfig:
   sliding_window: int = 0
   # Gemma 2's logit soft-cap: scores become c * tanh(scores / c); 0.0 = none.
   attention_soft_cap: float = 0.0
+  # Standard deviation of the normal initialisation of every weight matrix and
+  # embedding table (Hugging Face's initializer_range; BERT and GPT-2: 0.02;
+  # pre-LN residual projections take init_std / sqrt(2 num_layers)).
+  init_std: float = 0.02
   # Epsilon of every LayerNorm (GPT-2: 1e-5, BERT: 1e-12).
   layer_norm_eps: float = 1e-5
   # Encoder: rows of the token-type (segment A/B) embedding. Decoder: unused.
@@ -151,7 +155,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"
                "max_len", "type_vocab_size", "num_labels", "sliding_window",
                "relative_buckets", "relative_max_distance")
 _FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps",
-                 "attention_soft_cap")
+                 "attention_soft_cap", "init_std")
 _BOOL_FIELDS = ("remat", "mlm", "nsp", "share_embeddings")
 _CHOICES = {
     "kind": KINDS,
@@ -233,6 +237,8 @@ def _validate(cfg: ModelConfig):
     raise ValueError(
         f"attention={cfg.attention!r} does not take {', '.join(variants)}; use"
         " attention='pallas', 'xla' or 'auto'.")
+  if cfg.init_std <= 0.0:
+    raise ValueError(f"ModelConfig.init_std must be > 0, got {cfg.init_std}.")
   if cfg.layer_norm_eps <= 0.0:
     raise ValueError(
         f"ModelConfig.layer_norm_eps must be > 0, got {cfg.layer_norm_eps}.")

@@ -118,6 +118,7 @@ def bert_config(hf: dict, architecture: str) -> ModelConfig:
       dropout=float(hf.get("hidden_dropout_prob", 0.1)),
       attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
       layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+      init_std=float(hf.get("initializer_range", 0.02)),  # new heads (fine-tuning)
       type_vocab_size=hf.get("type_vocab_size", 2),
       mlm=architecture in ("BertForMaskedLM", "BertForPreTraining"),
       nsp=architecture == "BertForPreTraining",
@@ -148,6 +149,7 @@ def gpt2_config(hf: dict) -> ModelConfig:
       dropout=float(hf.get("resid_pdrop", 0.1)),
       attention_dropout=float(hf.get("attn_pdrop", 0.1)),
       layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      init_std=float(hf.get("initializer_range", 0.02)),  # new heads (fine-tuning)
   )
 
 

@@ -29,7 +29,6 @@ from flax import linen as nn
 
 from research.models.config import ModelConfig
 from research.models.attention import (
-    INIT_STD,
     AttentionMask,
     CrossAttention,
     LayerCache,
@@ -44,11 +43,13 @@ def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
       param_dtype=cfg.params_dtype, force_float32_reductions=True, name=name)
 
 
-def dense(cfg: ModelConfig, features: int, name: str, std: float = INIT_STD,
+def dense(cfg: ModelConfig, features: int, name: str, std: float | None = None,
           dtype=None) -> nn.Dense:
+  """A Dense layer whose kernel is drawn from N(0, std^2); std None = cfg.init_std."""
   return nn.Dense(
       features, dtype=cfg.compute_dtype if dtype is None else dtype,
-      param_dtype=cfg.params_dtype, kernel_init=nn.initializers.normal(std),
+      param_dtype=cfg.params_dtype,
+      kernel_init=nn.initializers.normal(cfg.init_std if std is None else std),
       name=name)
 
 
@@ -57,11 +58,11 @@ def residual_init_std(cfg: ModelConfig) -> float:
 
   Pre-LN stacks sum 2 * num_layers sublayer outputs into an unnormalised
   stream, so GPT-2 (section 2.3) scales them by 1/sqrt(2 L); post-LN renormalises
-  after each add and BERT keeps 0.02.
+  after each add and BERT keeps init_std.
   """
   if cfg.norm == "pre":
-    return INIT_STD / math.sqrt(2 * cfg.num_layers)
-  return INIT_STD
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+  return cfg.init_std
 
 
 class Embedding(nn.Module):
@@ -73,7 +74,7 @@ class Embedding(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.initializers.normal(INIT_STD),
+        "embedding", nn.initializers.normal(self.cfg.init_std),
         (self.num_embeddings, self.features), self.cfg.params_dtype)
 
   def __call__(self, ids):  # [...] int -> [..., features] compute dtype

@@ -44,6 +44,8 @@ def test_from_dict_accepts_integer_floats():
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"remat": "yes"}, "remat must be a bool"),
     ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
+    ({"init_std": 0.0}, "init_std must be > 0"),
+    ({"init_std": "0.02"}, "init_std must be a float"),
     ({"kind": "decoder", "nsp": True}, "nsp=True needs kind='encoder'"),
     ({"position": "rotary", "hidden_size": 12, "num_heads": 4},
      "head_dim .3. must be even"),

@@ -117,3 +117,29 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_close():
   logits32 = jax.jit(build_model(cfg32).apply)({"params": params}, ids)
   assert logits16.dtype == jnp.float32
   np.testing.assert_allclose(logits16, logits32, atol=0.05)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_init_std_sets_the_scale_of_every_initial_weight(norm):
+  # Every table and kernel is drawn from N(0, init_std^2), the pre-LN residual
+  # projections from N(0, init_std^2 / (2 num_layers)) (GPT-2); biases start at 0.
+  cfg = model_config.tiny_bert(
+      vocab_size=500, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=256,
+      max_len=32, dtype="float32", attention="xla", norm=norm, init_std=0.1,
+      position="relative")
+  params = init_params(cfg, jax.random.key(0))
+  residual = 0.1 / np.sqrt(2 * cfg.num_layers) if norm == "pre" else 0.1
+  layer = params["transformer"]["layer_0"]
+  expected = {
+      "token table": (params["embeddings"]["token"]["embedding"], 0.1),
+      "token types": (params["embeddings"]["token_type"]["embedding"], 0.1),
+      "query": (layer["attention"]["query"]["kernel"], 0.1),
+      "relative bias": (layer["attention"]["relative_bias"]["embedding"], 0.1),
+      "mlp up": (layer["mlp"]["up"]["kernel"], 0.1),
+      "attention out": (layer["attention"]["out"]["kernel"], residual),
+      "mlp down": (layer["mlp"]["down"]["kernel"], residual),
+      "pooler": (params["pooler"]["dense"]["kernel"], 0.1),
+  }
+  for name, (value, std) in expected.items():
+    np.testing.assert_allclose(np.std(value), std, rtol=0.2, err_msg=name)
+  assert not np.any(layer["mlp"]["up"]["bias"])
