@@ -41,6 +41,7 @@ from research.parallel import replicate, shard, unreplicate
 STEPS = 60
 DEVICES = 2
 LOSS_RTOL = 1e-4
+GRAD_NORM_RTOL = 1e-3
 PARAM_TOLERANCE = dict(rtol=1e-3, atol=2e-5)
 
 
@@ -128,14 +129,24 @@ class _Ours:
 
 
 def _train_both(config, data, model_cfg, torch_model, torch_loss, ours):
-  """STEPS updates on both sides; (our losses, reference losses, gradient norms)."""
+  """STEPS updates on both sides; (our losses, reference losses, reference
+  gradient norms before clipping).
+
+  The losses compared are the metrics' (loss_sum / count), which the train
+  step reports beside, not from, the scalar it differentiates; the gradient
+  norms (ours: the train step's grad_norm, before clipping) are what tie that
+  scalar to the reference's: a loss weighted or normalised differently gives
+  other gradients from the first step on (Adam's per-parameter scaling would
+  hide much of it from the parameters over a short run).
+  """
   adamw, schedule = _torch_optimizer(torch_model, config.optimizer, STEPS)
   torch_model.train()
-  ours_losses, reference_losses, norms = [], [], []
+  ours_losses, reference_losses, norms, ours_norms = [], [], [], []
   for step in range(STEPS):
     batch = data.train.batch(step)
     metrics = ours.step(batch)
     ours_losses.append(metrics["loss"] + metrics.get("nsp_loss", 0.0))
+    ours_norms.append(metrics["grad_norm"])
     adamw.zero_grad()
     loss = torch_loss(torch_model, batch)
     loss.backward()
@@ -143,7 +154,12 @@ def _train_both(config, data, model_cfg, torch_model, torch_loss, ours):
     adamw.step()
     schedule.step()
     reference_losses.append(loss.item())
-  return np.array(ours_losses), np.array(reference_losses), np.array(norms)
+  norms = np.array(norms)
+  diverged = np.flatnonzero(~np.isclose(ours_norms, norms, rtol=GRAD_NORM_RTOL))
+  np.testing.assert_allclose(
+      ours_norms, norms, rtol=GRAD_NORM_RTOL,
+      err_msg=f"gradient norms differ first at step {diverged[:1]} (0-based)")
+  return np.array(ours_losses), np.array(reference_losses), norms
 
 
 def _assert_losses_agree(ours, reference):
