@@ -186,6 +186,14 @@ class Checkpointer:
 
   def close(self):
     self.finish()
+    # Orbax (0.11) cleans up interrupted saves' temporaries in a background
+    # thread started with the manager, which save() waits for and close() does
+    # not: a manager closed before its first save (a run refused at set-up)
+    # would make that thread fail with a traceback under our one-line error.
+    # The waiting method is private; without it (another Orbax), close as is.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.close()
 
 

@@ -85,10 +85,23 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
 
 def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_start,
                   allow_data_change) -> dict:
-  n_local = len(parallel.local_devices(devices))  # this process's pmap shards
-  primary = parallel.is_primary()
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                config.checkpoint["async"])
+  try:
+    return _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
+                         warm_start, allow_data_change)
+  finally:
+    # Waits for an async save in flight, also on a NaN stop. Also when the
+    # set-up fails (missing data, a refused resume): Orbax's background
+    # threads must end before the process does, or they print tracebacks at
+    # interpreter exit under the one-line error.
+    ckpt.close()
+
+
+def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
+                  warm_start, allow_data_change) -> dict:
+  n_local = len(parallel.local_devices(devices))  # this process's pmap shards
+  primary = parallel.is_primary()
   resuming = ckpt.latest_step() is not None
   saved_tok = ckpt.workdir / ckpt_lib.TOKENIZER_DIR
   # On resume, the workdir's own tokenizer: the data must be tokenized as before.
@@ -265,7 +278,6 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
                  if row else evaluate(total))
   finally:
     profiler.close(state)
-    ckpt.close()  # waits for an async save in flight, also on a NaN stop
     logger.close()
   return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,
           "model": model_cfg, "transfer": transfer}
