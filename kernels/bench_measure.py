@@ -85,10 +85,6 @@ def label(implementation: str) -> str:
 def attention_fn(implementation: str, causal: bool):
   """f(q, k, v) -> out for one implementation; ValueError if unavailable."""
   interpret = not on_gpu()
-  if implementation == "mosaic" and interpret:
-    # Mosaic GPU's stock interpreter cannot run an attention kernel yet (the
-    # test suite patches it, see tests/kernels/mosaic_interpret.py).
-    raise ValueError("mosaic: needs a Hopper GPU (compute capability 9.x).")
   if implementation in ("pallas", "mosaic", "xla", "cudnn"):
     extra = {"interpret": interpret} if implementation == "pallas" else {}
     return lambda q, k, v: dot_product_attention(
