@@ -16,7 +16,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.mosaic_tiles import (
     COMPUTE_WARPGROUPS, CONSUMER_REGISTERS, PRODUCER_REGISTERS, Static,
-    compiler_params, hide, kv_steps, masked_tail, q_steps, tile_transforms,
+    hide, kv_steps, launch, masked_tail, q_steps, tile_transforms,
     zeros_acc,
 )
 
@@ -143,17 +143,11 @@ def backward_dq(q, k, v, segments, do, lse, delta, st: Static):
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
   )
   args = [q, k, v, do, lse, delta] + (list(segments) if st.has_segments else [])
-  return plgpu.kernel(
-      kernel,
+  return launch(
+      kernel, st, name="fusedlm_mosaic_bwd_dq",
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=(scratch, barriers),
-      grid=(h, q_pad // (wgs * bq), b),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=compiler_params(),
-      kernel_name="fusedlm_mosaic_bwd_dq",
-      interpret=st.interpret or None,
+      grid=(h, q_pad // (wgs * bq), b), grid_names=("heads", "q_seq", "batch"),
   )(*args)
 
 
@@ -301,15 +295,9 @@ def backward_dkv(q, k, v, segments, do, lse, delta, st: Static):
   )
   args = [q, k, v, do, lse, delta] + (list(segments) if st.has_segments else [])
   kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
-  return plgpu.kernel(
-      kernel,
+  return launch(
+      kernel, st, name="fusedlm_mosaic_bwd_dkv",
       out_type=(kv_shape, kv_shape),
       scratch_types=(scratch, barriers),
-      grid=(hkv, kv_pad // (wgs * bkv), b),
-      grid_names=("heads", "kv_seq", "batch"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=compiler_params(),
-      kernel_name="fusedlm_mosaic_bwd_dkv",
-      interpret=st.interpret or None,
+      grid=(hkv, kv_pad // (wgs * bkv), b), grid_names=("heads", "kv_seq", "batch"),
   )(*args)

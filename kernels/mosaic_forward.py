@@ -15,7 +15,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.mosaic_tiles import (
     COMPUTE_WARPGROUPS, CONSUMER_REGISTERS, PRODUCER_REGISTERS, Static,
-    compiler_params, hide, kv_steps, masked_tail, row_vector, tile_transforms,
+    hide, kv_steps, launch, masked_tail, row_vector, tile_transforms,
     zeros_acc,
 )
 
@@ -174,16 +174,10 @@ def forward(q, k, v, segments, st: Static):
       plgpu.Barrier(num_arrivals=wgs),
   )
   args = [q, k, v] + (list(segments) if st.has_segments else [])
-  return plgpu.kernel(
-      kernel,
+  return launch(
+      kernel, st, name="fusedlm_mosaic_fwd",
       out_type=(jax.ShapeDtypeStruct((b, q_pad, h, d), dtype),
                 jax.ShapeDtypeStruct((b, h, q_pad), jnp.float32)),
       scratch_types=(scratch, barriers),
-      grid=(h, q_pad // (wgs * bq), b),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=compiler_params(),
-      kernel_name="fusedlm_mosaic_fwd",
-      interpret=st.interpret or None,
+      grid=(h, q_pad // (wgs * bq), b), grid_names=("heads", "q_seq", "batch"),
   )(*args)

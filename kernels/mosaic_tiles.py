@@ -130,10 +130,25 @@ class Static:
     return self.scale * LOG2E
 
 
-def compiler_params():
-  # approx_math: exp2 and the reciprocal through the fast MUFU paths, as
-  # every FlashAttention kernel does (relative error ~2^-22).
-  return plgpu.CompilerParams(approx_math=True)
+def launch(body, st: Static, *, name: str, out_type, scratch_types, grid,
+           grid_names):
+  """The kernel `body` on `grid`, as every one of ours runs: one producer and
+  COMPUTE_WARPGROUPS consumer warpgroups (axis "wg"), in the interpreter when
+  st.interpret holds its parameters."""
+  return plgpu.kernel(
+      body,
+      out_type=out_type,
+      scratch_types=scratch_types,
+      grid=grid,
+      grid_names=grid_names,
+      num_threads=COMPUTE_WARPGROUPS + 1,
+      thread_name="wg",
+      # approx_math: exp2 and the reciprocal through the fast MUFU paths, as
+      # every FlashAttention kernel does (relative error ~2^-22).
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      kernel_name=name,
+      interpret=st.interpret or None,
+  )
 
 
 def tile_transforms():

@@ -197,13 +197,7 @@ class SelfAttention(nn.Module):
         # mask of the cache slots from each row's position back.
         variants["mask"] = (kv_positions[:, None, None, :]
                             >= positions[:, None, :, None] - reach)
-    if cfg.attention_soft_cap:
-      variants["logits_soft_cap"] = cfg.attention_soft_cap
-    if deterministic is None:
-      deterministic = not self.has_rng("dropout")
-    if cfg.attention_dropout and not deterministic:
-      variants["dropout_rate"] = cfg.attention_dropout
-      variants["dropout_rng"] = self.make_rng("dropout")
+    variants.update(_score_variants(self, deterministic))
     out = kernels.dot_product_attention(
         q, kv.keys, kv.values,
         causal=mask.causal,
@@ -214,6 +208,22 @@ class SelfAttention(nn.Module):
         **variants,
     )  # [B, T, H, D]
     return _output_projection(cfg, self.out_init_std)(out), kv
+
+
+def _score_variants(module: nn.Module, deterministic: bool | None) -> dict:
+  """The kernel arguments self- and cross-attention share: the logit soft-cap,
+  and attention dropout when not deterministic (None: exactly when the caller
+  gave a "dropout" RNG stream)."""
+  cfg = module.cfg
+  variants = {}
+  if cfg.attention_soft_cap:
+    variants["logits_soft_cap"] = cfg.attention_soft_cap
+  if deterministic is None:
+    deterministic = not module.has_rng("dropout")
+  if cfg.attention_dropout and not deterministic:
+    variants["dropout_rate"] = cfg.attention_dropout
+    variants["dropout_rng"] = module.make_rng("dropout")
+  return variants
 
 
 class CrossAttention(nn.Module):
@@ -242,14 +252,7 @@ class CrossAttention(nn.Module):
   ):
     cfg = self.cfg
     q = _heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, H, D]
-    variants = {}
-    if cfg.attention_soft_cap:
-      variants["logits_soft_cap"] = cfg.attention_soft_cap
-    if deterministic is None:
-      deterministic = not self.has_rng("dropout")
-    if cfg.attention_dropout and not deterministic:
-      variants["dropout_rate"] = cfg.attention_dropout
-      variants["dropout_rng"] = self.make_rng("dropout")
+    variants = _score_variants(self, deterministic)
     if memory_kv is None:
       if memory is None:
         raise ValueError("CrossAttention needs the encoder output or its keys/values.")
