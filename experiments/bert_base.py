@@ -1,13 +1,13 @@
 """BERT-base (110M parameters, MLM + NSP, sequence 512) for GPUs.
 
-  python -m research.train --config experiments/bert_base.py --workdir /ckpt/bert_base \
+  fusedlm train --config experiments/bert_base.py --workdir /ckpt/bert_base \
       --config.data.corpus='/data/wiki/*.txt'
-  python -m research.train --config experiments/bert_base.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/bert_base.py:runlocal --workdir /tmp/smoke
 
 bf16 compute, float32 parameters and optimizer state (the defaults).
 """
 
-from research import run_config
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):

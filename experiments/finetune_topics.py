@@ -4,17 +4,17 @@ The task (research.data.stdlib_topics) needs no download: standard-library
 docstrings labelled by the area they document (concurrency, email, testing,
 web, xml). Pretrain first, then fine-tune either model:
 
-  python -m research.train --config experiments/tiny_bert.py --workdir runs/tiny_bert
-  python -m research.finetune --config experiments/finetune_topics.py \
+  fusedlm train --config experiments/tiny_bert.py --workdir runs/tiny_bert
+  fusedlm finetune --config experiments/finetune_topics.py \
       --init_from runs/tiny_bert --workdir runs/topics --config.data.seq_len=64
-  python -m research.evaluate --workdir runs/topics
+  fusedlm evaluate --workdir runs/topics
 
 (the tiny BERT's positions stop at 64; --init_from runs/tiny_gpt fine-tunes the
 decoder instead, at the default 128 tokens.) The model is the
 pretrained one; only the fields under config.model may change how it runs.
 """
 
-from research import run_config
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):

@@ -1,14 +1,14 @@
 """GPT-2 small (124M parameters, context 1024) for GPUs.
 
-  python -m research.train --config experiments/gpt2_small.py --workdir /ckpt/gpt2_small \
+  fusedlm train --config experiments/gpt2_small.py --workdir /ckpt/gpt2_small \
       --config.data.corpus='/data/owt/*.txt'
-  python -m research.train --config experiments/gpt2_small.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/gpt2_small.py:runlocal --workdir /tmp/smoke
 
 bf16 compute, float32 parameters and optimizer state (the defaults); softmax,
 logits and the loss are float32 inside the model whatever the compute dtype.
 """
 
-from research import run_config
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):

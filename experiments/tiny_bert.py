@@ -1,10 +1,10 @@
 """Tiny BERT (~1.9M parameters, pre-LN, MLM + NSP) on the built-in corpus: trains on a laptop CPU.
 
-  python -m research.train --config experiments/tiny_bert.py --workdir runs/tiny_bert
-  python -m research.train --config experiments/tiny_bert.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/tiny_bert.py --workdir runs/tiny_bert
+  fusedlm train --config experiments/tiny_bert.py:runlocal --workdir /tmp/smoke
 """
 
-from research import run_config
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):

@@ -1,10 +1,10 @@
 """Tiny GPT (~1.9M parameters) on the built-in corpus: trains on a laptop CPU.
 
-  python -m research.train --config experiments/tiny_gpt.py --workdir runs/tiny_gpt
-  python -m research.train --config experiments/tiny_gpt.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/tiny_gpt.py --workdir runs/tiny_gpt
+  fusedlm train --config experiments/tiny_gpt.py:runlocal --workdir /tmp/smoke
 """
 
-from research import run_config
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):

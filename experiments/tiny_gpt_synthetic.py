@@ -2,11 +2,11 @@
 the source's entropy rate (research.data.synthetic; nats/character with the
 "byte" tokenizer, one token per character). Used by tests/research/test_train_entropy.py.
 
-  python -m research.train --config experiments/tiny_gpt_synthetic.py --workdir /tmp/tgs
-  python -m research.train --config experiments/tiny_gpt_synthetic.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/tiny_gpt_synthetic.py --workdir /tmp/tgs
+  fusedlm train --config experiments/tiny_gpt_synthetic.py:runlocal --workdir /tmp/smoke
 """
 
-from research import run_config
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):

@@ -1,20 +1,19 @@
 """Tiny encoder-decoder on the built-in synthetic translation task: CPU, minutes.
 
-  python -m research.train --config experiments/tiny_seq2seq.py --workdir runs/tiny_seq2seq
-  python -m research.evaluate --workdir runs/tiny_seq2seq          # + BLEU, chrF
-  python -m research.translate --workdir runs/tiny_seq2seq --text "mo tibu zeti pibi luza tedu salo"
-  python -m research.train --config experiments/tiny_seq2seq.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/tiny_seq2seq.py --workdir runs/tiny_seq2seq
+  fusedlm evaluate --workdir runs/tiny_seq2seq          # + BLEU, chrF
+  fusedlm translate --workdir runs/tiny_seq2seq --text "mo tibu zeti pibi luza tedu salo"
+  fusedlm train --config experiments/tiny_seq2seq.py:runlocal --workdir /tmp/smoke
 
 The task (research.data.synthetic_translation) has one correct translation
 per sentence, so held-out BLEU near 100 means the rules were learned.
 """
 
-from research import run_config
-from research.objectives import seq2seq
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):
-  config = seq2seq.defaults()
+  config = run_config.defaults("seq2seq")
   config.model.preset = "tiny_seq2seq"  # 2 + 2 layers, 128 wide, 4 heads
   config.model.max_len = 32  # = data.seq_len
   config.model.dtype = "float32"  # a CPU emulates bfloat16 matmuls: slower, not faster

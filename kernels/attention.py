@@ -3,11 +3,11 @@
 `dot_product_attention` takes the layout of `jax.nn.dot_product_attention`
 and the masks of `kernels.masking`, and dispatches to
 
-  * "pallas": the fused kernel of `kernels.pallas_attention` (compiled through
+  * "pallas": the fused kernel of `kernels.triton.attention` (compiled through
     Triton on an NVIDIA GPU, run by Pallas' interpreter elsewhere);
   * "xla": the plain reference of `kernels.reference` (materialises scores);
   * "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention`;
-  * "mosaic": the Hopper kernel of `kernels.mosaic_attention` (Pallas' Mosaic
+  * "mosaic": the Hopper kernel of `kernels.mosaic.attention` (Pallas' Mosaic
     GPU backend: wgmma, TMA, warp specialisation; compute capability 9.x,
     run by Mosaic GPU's interpreter elsewhere with JAX >= 0.11);
   * "auto": "pallas" on GPU, "xla" on every other backend. It does not pick
@@ -23,12 +23,11 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
-from kernels import masking
-from kernels.mosaic_attention import MosaicBlockSizes, mosaic_attention
-from kernels.pallas_attention import BlockSizes, flash_attention
-from kernels.reference import reference_attention
+from fusedlm.kernels.cudnn import cudnn_attention
+from fusedlm.kernels.mosaic.attention import MosaicBlockSizes, mosaic_attention
+from fusedlm.kernels.reference import reference_attention
+from fusedlm.kernels.triton.attention import BlockSizes, flash_attention
 
 Implementation = Literal["auto", "pallas", "xla", "cudnn", "mosaic"]
 IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn", "mosaic")
@@ -145,7 +144,7 @@ def dot_product_attention(
           "implementation='mosaic' runs on Hopper GPUs; on the"
           f" {jax.default_backend()!r} backend use 'pallas' or 'xla' (Mosaic"
           " GPU's stock interpreter cannot run it yet: the tests patch it, see"
-          " tests/kernels/mosaic_interpret.py).")
+          " tests/kernels/mosaic/interpreter_shim.py).")
     return mosaic_attention(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
@@ -188,50 +187,3 @@ def _unbatched(q, k, v, *, key_padding_mask, segment_ids, kv_segment_ids,
     return result[0][0], result[1][0]
   return result[0]
 
-
-def cudnn_attention(
-    q, k, v, *, causal=False, scale=None, key_padding_mask=None,
-    segment_ids=None, kv_segment_ids=None,
-):
-  """cuDNN's fused attention, for the arguments it can take.
-
-  Differences from the other implementations, each refused with a
-  ValueError rather than answered differently: no segment ids; causal only
-  for q_len == kv_len (cuDNN aligns the diagonal top-left); bfloat16 or
-  float16 only; head_dim a multiple of 8 up to 256. A key padding mask is
-  passed as a mask; a row whose keys are all padded is not zeroed by cuDNN.
-  """
-  shape = masking.check_qkv(q, k, v)
-  if jax.default_backend() != "gpu":
-    raise ValueError(
-        "implementation='cudnn' needs an NVIDIA GPU; the default backend is"
-        f" {jax.default_backend()!r}."
-    )
-  if segment_ids is not None or kv_segment_ids is not None:
-    raise ValueError(
-        "implementation='cudnn' does not take segment_ids; use 'pallas' or"
-        " 'xla' for packed sequences."
-    )
-  if causal and shape.q_len != shape.kv_len:
-    raise ValueError(
-        "implementation='cudnn' aligns the causal mask top-left, which differs"
-        f" from ours (bottom-right) when q_len ({shape.q_len}) != kv_len"
-        f" ({shape.kv_len}); use 'pallas' or 'xla'."
-    )
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(
-        f"implementation='cudnn' takes bfloat16 or float16, got {q.dtype}."
-    )
-  if shape.head_dim % 8 or shape.head_dim > 256:
-    raise ValueError(
-        "implementation='cudnn' needs head_dim a multiple of 8 and at most"
-        f" 256, got {shape.head_dim}."
-    )
-  mask = None
-  if key_padding_mask is not None:
-    masking.segments_from_masks(shape, key_padding_mask)  # validates
-    mask = key_padding_mask[:, None, None, :]
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=masking.default_scale(shape.head_dim, scale),
-      is_causal=causal, implementation="cudnn",
-  )

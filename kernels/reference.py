@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import masking, variants
+from fusedlm.kernels import masking, variants
 
 
 @functools.partial(

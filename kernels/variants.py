@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.masking import AttentionShape
+from fusedlm.kernels.masking import AttentionShape
 
 ALIGNMENTS = ("bottom_right", "top_left")
 PHILOX_ROUNDS = 10

@@ -1,15 +1,15 @@
 """Fine-tunes a pretrained encoder or decoder as a sequence classifier.
 
-  python -m research.finetune --config experiments/finetune_topics.py \\
+  fusedlm finetune --config experiments/finetune_topics.py \\
       --init_from runs/tiny_bert --workdir runs/topics
-  python -m research.finetune --config experiments/finetune_sentiment_csv.py \\
+  fusedlm finetune --config experiments/finetune_sentiment_csv.py \\
       --init_from runs/tiny_bert --workdir runs/sentiment \\
       --config.data.task=reviews.csv --config.data.validation=reviews_test.csv
 
 The new model is the pretrained one (its tokenizer, architecture and weights,
 from the newest checkpoint or config.init_step) with a classification head in
 place of the pretraining heads: the encoder pools [CLS] through its pooler, the
-decoder reads its last real token. It trains with research.train's loop, so
+decoder reads its last real token. It trains with research.training.loop, so
 the workdir is an ordinary run: checkpoints that resume, metrics.jsonl, and an
 evaluation on the held-out split (loss, accuracy, macro-F1) every
 train.eval_every steps and at the end, which `research.evaluate --workdir`
@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from research import command_line, train
-from research.warm_start import load_warm_start
+from absl import flags
+
+from fusedlm.research.runs import command_line
+from fusedlm.research.runs.warm_start import load_warm_start
+from fusedlm.research.training import loop
 
 
 def finetune(config, workdir, init_from: str | None = None, **train_options) -> dict:
-  """Fine-tunes from `init_from` (else config.init_from); returns train.train's result.
+  """Fine-tunes from `init_from` (else config.init_from); returns training.loop.train's result.
 
   The pretrained run's path is recorded in the new run's config.json.
 
@@ -41,13 +44,20 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
     config.init_from = str(Path(source).absolute())
   step = config.get("init_step") or None  # 0: the newest checkpoint
   start = load_warm_start(source, step)
-  return train.train(config, workdir, warm_start=start, **train_options)
+  return loop.train(config, workdir, warm_start=start, **train_options)
 
 
-def _main():
-  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  f = flags.FLAGS
-  command_line.start_distributed()
+def define_flags(fv: flags.FlagValues) -> None:
+  command_line.define_config_flag(fv, "fine-tuning config file (path.py or path.py:runlocal)")
+  flags.DEFINE_string("init_from", None, "the pretrained run's workdir (or config.init_from)",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer",
+                      flag_values=fv, required=True)
+  command_line.define_distributed_flags(fv)
+
+
+def _main(f: flags.FlagValues) -> None:
+  command_line.start_distributed(f)
   result = finetune(f.config, f.workdir, f.init_from)
   metrics = result["eval"]
   print(f"held-out accuracy {metrics.get('accuracy', float('nan')):.4f}, macro-F1"
@@ -55,13 +65,9 @@ def _main():
         f" examples; checkpoint in {Path(f.workdir).absolute()}")
 
 
+def main(argv=None) -> None:
+  command_line.run("fusedlm finetune", define_flags, _main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "fine-tuning config file",
-                                  lock_config=True)
-  flags.DEFINE_string("init_from", None, "the pretrained run's workdir (or config.init_from)")
-  flags.DEFINE_string("workdir", None, "checkpoints, logs, config.json, tokenizer")
-  command_line.define_distributed_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  command_line.run(_main, "research.finetune")
+  main()

@@ -1,7 +1,7 @@
 """Generates text from a trained decoder's checkpoint.
 
-  python -m research.generate --workdir /tmp/tiny_gpt --prompt "Once upon a time"
-  python -m research.generate --workdir /tmp/tiny_gpt --prompt "def " --prompt "" \\
+  fusedlm generate --workdir /tmp/tiny_gpt --prompt "Once upon a time"
+  fusedlm generate --workdir /tmp/tiny_gpt --prompt "def " --prompt "" \\
       --max_new_tokens 32 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 1 \\
       --step 2000 --output samples.json
 
@@ -18,9 +18,17 @@ A bad workdir, step or setting ends with exit status 2 and one line on stderr
 
 from __future__ import annotations
 
-from research import checkpoint, command_line
-from research.decoding import check_request, default_pad_id, encode_prompts, generate
-from research.sampling import Sampling
+from absl import flags
+
+from fusedlm.research.inference.generation import (
+  check_request,
+  default_pad_id,
+  encode_prompts,
+  generate,
+)
+from fusedlm.research.inference.sampling import Sampling
+from fusedlm.research.runs import checkpoint, command_line
+
 
 def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
                    sampling: Sampling, seed: int, step: int | None = None) -> dict:
@@ -54,34 +62,39 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
   }
 
 
-def _main():
-  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  FLAGS = flags.FLAGS
-  sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+def define_flags(fv: flags.FlagValues) -> None:
+  f = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "run folder written by research.train", **f)
+  flags.DEFINE_multi_string("prompt", None, "text to continue; repeat for a batch"
+                            " (\"\" starts from end-of-text)", **f)
+  flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt at most", **f)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sample from softmax(logits/T)", **f)
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)", **f)
+  flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of this probability (1 = off)", **f)
+  flags.DEFINE_integer("seed", 0, "random seed of the sampling", **f)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", **f)
+  flags.DEFINE_string("output", None, "JSON file for the prompts, continuations and ids", **f)
+  flags.mark_flags_as_required(["workdir", "prompt"], flag_values=fv)
+
+
+def _main(f: flags.FlagValues) -> None:
+  sampling = Sampling(f.temperature, f.top_k, f.top_p)
   record = run_generation(
-      FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-      sampling=sampling, seed=FLAGS.seed, step=FLAGS.step)
+      f.workdir, f.prompt, max_new_tokens=f.max_new_tokens,
+      sampling=sampling, seed=f.seed, step=f.step)
   print(f"step {record['step']} of {record['workdir']}, {sampling.describe()},"
         f" seed {record['seed']}")
   for i, sample in enumerate(record["samples"]):
     end = " [end of text]" if sample["stopped_at_eos"] else ""
     print(f"\n--- prompt {i}: {sample['prompt']!r}{end}")
     print(sample["prompt"] + sample["continuation"])
-  if FLAGS.output:
-    print(f"\nwrote {command_line.write_json(record, FLAGS.output)}")
+  if f.output:
+    print(f"\nwrote {command_line.write_json(record, f.output)}")
+
+
+def main(argv=None) -> None:
+  command_line.run("fusedlm generate", define_flags, _main, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "run folder written by research.train")
-  flags.DEFINE_multi_string("prompt", None, "text to continue; repeat for a batch"
-                            " (\"\" starts from end-of-text)")
-  flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt at most")
-  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sample from softmax(logits/T)")
-  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)")
-  flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of this probability (1 = off)")
-  flags.DEFINE_integer("seed", 0, "random seed of the sampling")
-  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-  flags.DEFINE_string("output", None, "JSON file for the prompts, continuations and ids")
-  flags.mark_flags_as_required(["workdir", "prompt"])
-  command_line.run(_main, "research.generate")
+  main()

@@ -1,9 +1,9 @@
 """Makes a fusedlm run folder from a local Hugging Face BERT or GPT-2 model folder.
 
-  python -m research.import_hf --hf /models/bert-base-uncased --workdir runs/bert_hf
-  python -m research.evaluate --workdir runs/bert_hf --data notes.txt
-  python -m research.fill_mask --workdir runs/bert_hf --text "paris is the [MASK] of france."
-  python -m research.finetune --config experiments/finetune_topics.py \\
+  fusedlm import-hf --hf /models/bert-base-uncased --workdir runs/bert_hf
+  fusedlm evaluate --workdir runs/bert_hf --data notes.txt
+  fusedlm fill-mask --workdir runs/bert_hf --text "paris is the [MASK] of france."
+  fusedlm finetune --config experiments/finetune_topics.py \\
       --init_from runs/bert_hf --workdir runs/topics_from_bert
 
 The folder needs config.json, the weights (model.safetensors, a sharded
@@ -20,9 +20,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from research import checkpoint, command_line, optimizer, run_config, steps
-from research.data import load_tokenizer
-from research.models.hf_import import load_hf_checkpoint
+from absl import flags
+
+from fusedlm.research import run_config
+from fusedlm.research.data import load_tokenizer
+from fusedlm.research.models.hf_import import load_hf_checkpoint
+from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.training import optimizer, steps
 
 SEQ_LEN = 128  # config.data.seq_len of the run (at most the model's max_len)
 
@@ -82,9 +86,16 @@ def _run_config(model_cfg, tokenizer_kind: str, seed: int):
   return config
 
 
-def _main():
-  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  f = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  f = dict(flag_values=fv)
+  flags.DEFINE_string("hf", None, "local Hugging Face model folder (BERT or GPT-2)", **f)
+  flags.DEFINE_string("workdir", None, "the new run folder", **f)
+  flags.DEFINE_string("dtype", None, "compute dtype (default: the model config's)", **f)
+  flags.DEFINE_string("attention", None, "attention implementation (default: auto)", **f)
+  flags.mark_flags_as_required(["hf", "workdir"], flag_values=fv)
+
+
+def _main(f: flags.FlagValues) -> None:
   overrides = {k: v for k, v in (("dtype", f.dtype), ("attention", f.attention))
                if v is not None}
   run = import_hf(f.hf, f.workdir, **overrides)
@@ -94,11 +105,9 @@ def _main():
         f" {run.objective}) into {run.workdir}, checkpoint step {run.steps[-1]}")
 
 
+def main(argv=None) -> None:
+  command_line.run("fusedlm import-hf", define_flags, _main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  from absl import flags
-  flags.DEFINE_string("hf", None, "local Hugging Face model folder (BERT or GPT-2)")
-  flags.DEFINE_string("workdir", None, "the new run folder")
-  flags.DEFINE_string("dtype", None, "compute dtype (default: the model config's)")
-  flags.DEFINE_string("attention", None, "attention implementation (default: auto)")
-  flags.mark_flags_as_required(["hf", "workdir"])
-  command_line.run(_main, "research.import_hf")
+  main()

@@ -1,7 +1,7 @@
 """Loss and metric curves of a run, as one PNG, from its metrics.jsonl.
 
-  python -m research.plot --workdir /tmp/tiny_gpt        # -> /tmp/tiny_gpt/plots/metrics.png
-  python -m research.plot --workdir DIR --out /tmp/curves.png
+  fusedlm plot --workdir /tmp/tiny_gpt        # -> /tmp/tiny_gpt/plots/metrics.png
+  fusedlm plot --workdir DIR --out /tmp/curves.png
 
 From Python: `plot_run("/tmp/tiny_gpt")` returns the path written.
 
@@ -20,10 +20,12 @@ import dataclasses
 import os
 from pathlib import Path
 
+from absl import flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from research import command_line, run_logging
+from fusedlm.research.runs import command_line
+from fusedlm.research.runs import logger as run_logging
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OUT = Path("plots") / "metrics.png"
@@ -130,14 +132,20 @@ def _plot_mfu(ax, train_rows: dict[int, dict]) -> None:
   twin.set_ylabel("MFU (%)", color="tab:green")
 
 
-def _main():
-  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  print(plot_run(flags.FLAGS.workdir, flags.FLAGS.out))
+def define_flags(fv: flags.FlagValues) -> None:
+  f = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "run folder holding metrics.jsonl", **f)
+  flags.DEFINE_string("out", None, f"PNG to write (default: WORKDIR/{DEFAULT_OUT})", **f)
+  flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+def _main(f: flags.FlagValues) -> None:
+  print(plot_run(f.workdir, f.out))
+
+
+def main(argv=None) -> None:
+  command_line.run("fusedlm plot", define_flags, _main, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "run folder holding metrics.jsonl")
-  flags.DEFINE_string("out", None, f"PNG to write (default: WORKDIR/{DEFAULT_OUT})")
-  flags.mark_flags_as_required(["workdir"])
-  command_line.run(_main, "research.plot")
+  main()

@@ -23,7 +23,7 @@ objective-specific checks and the ModelConfig come from the objective's record
   config.data        what to read and how to tokenize and batch it
   config.objective   a name in research.objectives.REGISTRY
   config.nsp         next-sentence prediction (objective "mlm")
-  config.optimizer   research.optimizer's fields
+  config.optimizer   research.training.optimizer's fields
   config.train       steps, batch_size, seed, log_every, eval_every, eval_batches
   config.checkpoint  every, keep, async
 """
@@ -38,8 +38,8 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from research import objectives
-from research.models import config as model_config_lib
+from fusedlm.research import objectives
+from fusedlm.research.models import config as model_config_lib
 
 RUNLOCAL = "runlocal"  # experiments/X.py:runlocal -> a smoke-size run on a CPU
 RUNLOCAL_STEPS = 40
@@ -99,8 +99,17 @@ def _checkpoint_section() -> ml_collections.ConfigDict:
 SET_BY_THE_RUN = frozenset({"vocab_size", "nsp", "num_labels"})
 
 
-def defaults() -> ml_collections.ConfigDict:
-  """Every field of a pretraining config, with its default."""
+def defaults(objective: str = "causal") -> ml_collections.ConfigDict:
+  """Every field of a pretraining config for `objective`, with its default.
+
+  The objective's record may extend these (seq2seq's parallel-text data and
+  decoding settings: `Objective.config_defaults`); fine-tuning objectives
+  start from `finetune_defaults()` instead.
+  """
+  record = objectives.get(objective)
+  if record.fine_tunes:
+    raise ValueError(f"a {objective} config fine-tunes: start it from"
+                     " run_config.finetune_defaults().")
   config = ml_collections.ConfigDict()
   config.model = _model_section({f.name for f in dataclasses.fields(
       model_config_lib.ModelConfig)} - SET_BY_THE_RUN)
@@ -121,6 +130,9 @@ def defaults() -> ml_collections.ConfigDict:
   config.optimizer = _optimizer_section()
   config.train = _train_section()
   config.checkpoint = _checkpoint_section()
+  config.objective = objective
+  if record.config_defaults is not None:
+    config = record.config_defaults(config)
   return config
 
 
@@ -218,9 +230,8 @@ def schema_for(config) -> dict:
   """The schema of the config's objective: its record's own defaults, else
   pretraining's or fine-tuning's."""
   objective = objectives.get(config.get("objective"))
-  if objective.config_defaults is not None:
-    return _schema_of(objective.config_defaults())
-  return _schema_of(finetune_defaults() if objective.fine_tunes else defaults())
+  return _schema_of(finetune_defaults() if objective.fine_tunes
+                    else defaults(objective.name))
 
 
 def _keys(section) -> set[str]:

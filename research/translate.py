@@ -1,7 +1,7 @@
 """Translates text with a trained encoder-decoder (seq2seq) run.
 
-  python -m research.translate --workdir runs/tiny_seq2seq --text "mo tibu zeti pibi luza tedu"
-  python -m research.translate --workdir runs/en_es --input news.en --output news.es \\
+  fusedlm translate --workdir runs/tiny_seq2seq --text "mo tibu zeti pibi luza tedu"
+  fusedlm translate --workdir runs/en_es --input news.en --output news.es \\
       --reference news.es.ref --beam_size 5 --length_penalty 1.0
 
 Every --text (or every line of --input) is translated with the run's own
@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from research import checkpoint, command_line, decoding
-from research.objectives import seq2seq
-from research.sampling import Sampling
+from absl import flags
+
+from fusedlm.research.inference import seq2seq_decoding
+from fusedlm.research.inference.sampling import Sampling
+from fusedlm.research.objectives import seq2seq
+from fusedlm.research.runs import checkpoint, command_line
 
 
 def read_lines(path) -> list[str]:
@@ -69,7 +72,7 @@ def run_translation(workdir, texts: list[str], *, step: int | None = None,
     settings["length_penalty"] = 0.0
   step = run.resolve_step(step)
   step, params = run.restore_params(step)
-  translations, scores = decoding.translate_texts(
+  translations, scores = seq2seq_decoding.translate_texts(
       run, params, texts, batch_size=batch_size, sampling=sampling, seed=seed, **settings)
   record = {
       "workdir": str(run.workdir), "step": step,
@@ -85,9 +88,29 @@ def run_translation(workdir, texts: list[str], *, step: int | None = None,
   return record
 
 
-def _main():
-  from absl import flags  # Parsed in __main__ only: importing stays flag-free.
-  f = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  f = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "seq2seq run folder written by research.train", **f)
+  flags.DEFINE_multi_string("text", None, "a text to translate; repeat for a batch", **f)
+  flags.DEFINE_string("input", None, "a file of texts to translate, one a line", **f)
+  flags.DEFINE_string("output", None, "write the translations here, one a line", **f)
+  flags.DEFINE_string("reference", None, "reference translations, one a line: BLEU, chrF", **f)
+  flags.DEFINE_string("json", None, "JSON record of settings, translations and scores", **f)
+  flags.DEFINE_integer("beam_size", None, "beam search width; 0 = greedy"
+                       " (default: the run's config.decode.beam_size)", **f)
+  flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha"
+                     " (default: the run's config.decode.length_penalty)", **f)
+  flags.DEFINE_integer("max_new_tokens", 0, "longest translation in tokens (0 = max_len)", **f)
+  flags.DEFINE_float("temperature", 0.0, "> 0: sample instead of searching", **f)
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)", **f)
+  flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of this probability (1 = off)", **f)
+  flags.DEFINE_integer("seed", 0, "random seed of the sampling", **f)
+  flags.DEFINE_integer("batch_size", 64, "sentences decoded together", **f)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", **f)
+  flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+def _main(f: flags.FlagValues) -> None:
   if bool(f.text) == bool(f.input):
     raise ValueError("give either --text (repeatable) or --input FILE.")
   texts = list(f.text) if f.text else read_lines(f.input)
@@ -117,24 +140,9 @@ def _main():
     print(f"wrote {command_line.write_json(record, f.json)}")
 
 
+def main(argv=None) -> None:
+  command_line.run("fusedlm translate", define_flags, _main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "seq2seq run folder written by research.train")
-  flags.DEFINE_multi_string("text", None, "a text to translate; repeat for a batch")
-  flags.DEFINE_string("input", None, "a file of texts to translate, one a line")
-  flags.DEFINE_string("output", None, "write the translations here, one a line")
-  flags.DEFINE_string("reference", None, "reference translations, one a line: BLEU, chrF")
-  flags.DEFINE_string("json", None, "JSON record of settings, translations and scores")
-  flags.DEFINE_integer("beam_size", None, "beam search width; 0 = greedy"
-                       " (default: the run's config.decode.beam_size)")
-  flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha"
-                     " (default: the run's config.decode.length_penalty)")
-  flags.DEFINE_integer("max_new_tokens", 0, "longest translation in tokens (0 = max_len)")
-  flags.DEFINE_float("temperature", 0.0, "> 0: sample instead of searching")
-  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)")
-  flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of this probability (1 = off)")
-  flags.DEFINE_integer("seed", 0, "random seed of the sampling")
-  flags.DEFINE_integer("batch_size", 64, "sentences decoded together")
-  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-  flags.mark_flags_as_required(["workdir"])
-  command_line.run(_main, "research.translate")
+  main()

@@ -16,25 +16,25 @@ Modules, one concern each:
   causal, mlm, classification   the batch makers
 """
 
-from research.data.cache import TokenizedSplit, tokenize_corpus, tokenize_split
-from research.data.causal import CausalLMBatches
-from research.data.classification import (
+from fusedlm.research.data.cache import TokenizedSplit, tokenize_corpus, tokenize_split
+from fusedlm.research.data.causal import CausalLMBatches
+from fusedlm.research.data.classification import (
     ClassificationBatches,
     LabeledExamples,
     load_labeled_examples,
 )
-from research.data.corpus import Corpus
-from research.data.mlm import MLMBatches
-from research.data.sources import load_corpus
-from research.data.stdlib_corpus import builtin_corpus
-from research.data.synthetic import MarkovSource, SyntheticSpec, synthetic_corpus
-from research.data.tokenizer import (
+from fusedlm.research.data.corpus import Corpus
+from fusedlm.research.data.mlm import MLMBatches
+from fusedlm.research.data.sources import load_corpus
+from fusedlm.research.data.stdlib_corpus import builtin_corpus
+from fusedlm.research.data.synthetic import MarkovSource, SyntheticSpec, synthetic_corpus
+from fusedlm.research.data.tokenizer import (
     Tokenizer,
     get_or_train_tokenizer,
     load_tokenizer,
     train_tokenizer,
 )
-from research.data.user_corpus import jsonl_corpus, text_corpus
+from fusedlm.research.data.user_corpus import jsonl_corpus, text_corpus
 
 __all__ = [
     "CausalLMBatches",

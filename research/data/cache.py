@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from research.data import partials
-from research.data.corpus import Corpus
-from research.data.tokenizer import Tokenizer
+from fusedlm.research.data import partials
+from fusedlm.research.data.corpus import Corpus
+from fusedlm.research.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

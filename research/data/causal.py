@@ -28,10 +28,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from research.data.cache import TokenizedSplit
-from research.data.order import BatchSchedule
-from research.data.packing import SeparatedStream
-from research.data.tokenizer import Tokenizer
+from fusedlm.research.data.cache import TokenizedSplit
+from fusedlm.research.data.order import BatchSchedule
+from fusedlm.research.data.packing import SeparatedStream
+from fusedlm.research.data.tokenizer import Tokenizer
 
 
 class CausalLMBatches:

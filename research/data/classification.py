@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from research.data.corpus import document_hash
-from research.data.order import BatchSchedule
-from research.data.tokenizer import Tokenizer
+from fusedlm.research.data.corpus import document_hash
+from fusedlm.research.data.order import BatchSchedule
+from fusedlm.research.data.tokenizer import Tokenizer
 
 _DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -39,11 +39,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from research.data import masking
-from research.data.cache import TokenizedSplit
-from research.data.order import EVAL_STREAM, EXAMPLE_STREAM, BatchSchedule, example_rng
-from research.data.packing import SeparatedStream
-from research.data.tokenizer import Tokenizer
+from fusedlm.research.data import masking
+from fusedlm.research.data.cache import TokenizedSplit
+from fusedlm.research.data.order import EVAL_STREAM, EXAMPLE_STREAM, BatchSchedule, example_rng
+from fusedlm.research.data.packing import SeparatedStream
+from fusedlm.research.data.tokenizer import Tokenizer
 
 
 class MLMBatches:

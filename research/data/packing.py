@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from research.data.cache import TokenizedSplit
+from fusedlm.research.data.cache import TokenizedSplit
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from research.data.corpus import Corpus
-from research.data.stdlib_corpus import builtin_corpus
-from research.data.synthetic import synthetic_corpus
-from research.data.user_corpus import JSONL_SUFFIXES, jsonl_corpus, text_corpus
+from fusedlm.research.data.corpus import Corpus
+from fusedlm.research.data.stdlib_corpus import builtin_corpus
+from fusedlm.research.data.synthetic import synthetic_corpus
+from fusedlm.research.data.user_corpus import JSONL_SUFFIXES, jsonl_corpus, text_corpus
 
 
 def load_corpus(source: str | os.PathLike, *, text_field: str = "text",

@@ -46,15 +46,14 @@ import hashlib
 import io
 import json
 import os
+import pydoc_data.topics
 import sys
 import sysconfig
 import textwrap
 import tokenize
 from pathlib import Path
 
-import pydoc_data.topics
-
-from research.data.corpus import Corpus, corpus_from_documents
+from fusedlm.research.data.corpus import Corpus, corpus_from_documents
 
 EXCLUDED_DIRS = frozenset({
     "__pycache__", "site-packages", "dist-packages", "lib-dynload",

@@ -31,8 +31,8 @@ import functools
 
 import numpy as np
 
-from research.data import stdlib_corpus
-from research.data.classification import LabeledExamples, split_examples
+from fusedlm.research.data import stdlib_corpus
+from fusedlm.research.data.classification import LabeledExamples, split_examples
 
 NAME = "stdlib_topics"
 TOPICS = {

@@ -34,7 +34,7 @@ import string
 
 import numpy as np
 
-from research.data.corpus import Corpus
+from fusedlm.research.data.corpus import Corpus
 
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase
 

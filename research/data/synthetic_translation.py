@@ -31,7 +31,7 @@ import functools
 
 import numpy as np
 
-from research.data.parallel_text import ParallelText
+from fusedlm.research.data.parallel_text import ParallelText
 
 NAME = "synthetic_translation"
 NUM_PAIRS = 20_000

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from research.data import partials, tokenizer_training
-from research.data.corpus import Corpus
+from fusedlm.research.data import partials, tokenizer_training
+from fusedlm.research.data.corpus import Corpus
 
 KINDS = ("wordpiece", "bpe", "byte")
 ROLES = ("pad", "unk", "cls", "sep", "mask", "eos")

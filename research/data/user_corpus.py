@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from research.data.corpus import Corpus, corpus_from_documents
+from fusedlm.research.data.corpus import Corpus, corpus_from_documents
 
 PathPatterns = str | os.PathLike | Sequence[str | os.PathLike]
 

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from research.models.decoder import Decoder
-from research.models.encoder import Encoder
-from research.models.encoder_decoder import EncoderDecoder
-from research.models.config import ModelConfig
+from fusedlm.research.models.config import ModelConfig
+from fusedlm.research.models.decoder import Decoder
+from fusedlm.research.models.encoder import Encoder
+from fusedlm.research.models.encoder_decoder import EncoderDecoder
 
 _MODELS = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
 

@@ -27,8 +27,8 @@ from flax import linen as nn
 from flax import struct
 from jax import lax
 
-import kernels
-from research.models.config import ModelConfig
+from fusedlm import kernels
+from fusedlm.research.models.config import ModelConfig
 
 INIT_STD = 0.02  # BERT and GPT-2 initialise weights from N(0, 0.02^2).
 
@@ -166,7 +166,7 @@ class SelfAttention(nn.Module):
       deterministic: bool | None = None,
   ):
     """deterministic: no attention dropout. None: dropout exactly when the
-    caller gave a "dropout" RNG stream, which research.steps' train step does
+    caller gave a "dropout" RNG stream, which research.training.steps' train step does
     (with deterministic=False) and evaluation and decoding do not."""
     cfg = self.cfg
     q = _heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, H, D]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from kernels import IMPLEMENTATIONS
+from fusedlm.kernels import IMPLEMENTATIONS
 
 KINDS = ("encoder", "decoder", "encoder_decoder")
 POSITIONS = ("learned", "rotary", "relative")

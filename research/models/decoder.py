@@ -31,14 +31,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from research.models.layers import (
-    ClassificationHead,
-    Embeddings,
-    Transformer,
-    default_positions,
+from fusedlm.research.models.attention import AttentionMask, LayerCache
+from fusedlm.research.models.config import ModelConfig
+from fusedlm.research.models.layers import (
+  ClassificationHead,
+  Embeddings,
+  Transformer,
+  default_positions,
 )
-from research.models.config import ModelConfig
-from research.models.attention import AttentionMask, LayerCache
 
 
 class DecodeCache(struct.PyTreeNode):

@@ -29,16 +29,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research.models.layers import (
-    ClassificationHead,
-    Embeddings,
-    Transformer,
-    default_positions,
-    dense,
-    layer_norm,
+from fusedlm.research.models.attention import AttentionMask
+from fusedlm.research.models.config import ModelConfig
+from fusedlm.research.models.layers import (
+  ClassificationHead,
+  Embeddings,
+  Transformer,
+  default_positions,
+  dense,
+  layer_norm,
 )
-from research.models.config import ModelConfig
-from research.models.attention import AttentionMask
 
 
 class MlmTransform(nn.Module):

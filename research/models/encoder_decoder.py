@@ -40,9 +40,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from research.models.attention import AttentionMask, LayerCache
-from research.models.config import ModelConfig
-from research.models.layers import Embedding, Embeddings, Transformer, default_positions
+from fusedlm.research.models.attention import AttentionMask, LayerCache
+from fusedlm.research.models.config import ModelConfig
+from fusedlm.research.models.layers import Embedding, Embeddings, Transformer, default_positions
 
 
 class Seq2SeqCache(struct.PyTreeNode):

@@ -26,8 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from research.models.config import ModelConfig
-from research.models import abstract_params
+from fusedlm.research.models import abstract_params
+from fusedlm.research.models.config import ModelConfig
 
 BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
 GPT2_ARCHITECTURES = ("GPT2LMHeadModel",)

@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research.models.config import ModelConfig
-from research.models.attention import (
-    AttentionMask,
-    CrossAttention,
-    LayerCache,
-    SelfAttention,
+from fusedlm.research.models.attention import (
+  AttentionMask,
+  CrossAttention,
+  LayerCache,
+  SelfAttention,
 )
+from fusedlm.research.models.config import ModelConfig
 
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:

@@ -27,17 +27,17 @@ metrics.py), which add across steps and devices; the host divides once.
 
 from __future__ import annotations
 
-from research.objectives import causal, classification, mlm, seq2seq
-from research.objectives.causal import causal_lm_loss
-from research.objectives.classification import classification_loss
-from research.objectives.metrics import (
+from fusedlm.research.objectives import causal, classification, mlm, seq2seq
+from fusedlm.research.objectives.causal import causal_lm_loss
+from fusedlm.research.objectives.classification import classification_loss
+from fusedlm.research.objectives.metrics import (
     confusion_matrix,
     f1_scores,
     summarize,
     weighted_cross_entropy,
 )
-from research.objectives.mlm import mlm_loss
-from research.objectives.objective import Objective
+from fusedlm.research.objectives.mlm import mlm_loss
+from fusedlm.research.objectives.objective import Objective
 
 REGISTRY: dict[str, Objective] = {
     o.name: o for o in (causal.OBJECTIVE, mlm.OBJECTIVE, classification.OBJECTIVE,

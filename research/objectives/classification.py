@@ -3,14 +3,14 @@ classification head (research.finetune)."""
 
 from __future__ import annotations
 
-from research import run_data
-from research.objectives.metrics import (
+from fusedlm.research.data import run_data
+from fusedlm.research.objectives.metrics import (
     confusion_matrix,
     row_weights,
     safe_mean,
     weighted_cross_entropy,
 )
-from research.objectives.objective import Objective, check_seq_len
+from fusedlm.research.objectives.objective import Objective, check_seq_len
 
 
 def classification_loss(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+
 def weighted_cross_entropy(
     logits,  # [..., classes] float
     labels,  # [...] int

@@ -6,10 +6,10 @@ import functools
 
 import jax.numpy as jnp
 
-from research import data as data_lib
-from research import run_data
-from research.objectives.metrics import row_weights, safe_mean, weighted_cross_entropy
-from research.objectives.objective import Objective, pretraining_model_config
+from fusedlm.research import data as data_lib
+from fusedlm.research.data import run_data
+from fusedlm.research.objectives.metrics import row_weights, safe_mean, weighted_cross_entropy
+from fusedlm.research.objectives.objective import Objective, pretraining_model_config
 
 
 def mlm_loss(

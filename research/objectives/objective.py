@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from research.models import config as model_config
+from fusedlm.research.models import config as model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +30,11 @@ class Objective:
     eval_sums: (outputs, batch) -> extra sums only evaluation needs, or None.
     report_keys: summary metrics the commands print, in order.
     count_unit: what the summary's `tokens` (the `count` sum) counts.
-    config_defaults: () -> ConfigDict: every field of this objective's run
-      config with its default, i.e. its schema (research.run_config.validate);
-      None = run_config.defaults(), or finetune_defaults() when fine_tunes.
+    config_defaults: (pretraining defaults) -> ConfigDict: those extended
+      to every field of this objective's run config with its default, i.e.
+      its schema (research.run_config.defaults and validate); None = the
+      pretraining defaults as they are, or finetune_defaults() when
+      fine_tunes.
     extra_evaluation: (saved run, params, eval batch maker, max_batches) ->
       {"metrics": {...}, "outputs": {name: [line, ...]}} for what is not a
       sum over batches (seq2seq: decode the split, score BLEU and chrF); None

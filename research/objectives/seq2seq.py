@@ -1,8 +1,8 @@
 """Sequence-to-sequence: teacher-forced cross-entropy on the target tokens of
 (source, target) pairs, with an encoder-decoder; BLEU and chrF by decoding.
 
-An experiment starts from this module's `defaults()` (pretraining's, with a
-parallel-text data section and the decoding settings):
+An experiment starts from `run_config.defaults("seq2seq")` (pretraining's,
+with a parallel-text data section and the decoding settings):
 
   config.data.corpus      "synthetic": the built-in synthetic translation task
                           (research.data.synthetic_translation); or a pairs
@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from research import data as data_lib
-from research import decoding
-from research.data import parallel_text, synthetic_translation
-from research.objectives.metrics import row_weights, safe_mean
-from research.objectives.objective import Objective, pretraining_model_config
+from fusedlm.research import data as data_lib
+from fusedlm.research.data import parallel_text, synthetic_translation
+from fusedlm.research.inference import seq2seq_decoding
+from fusedlm.research.objectives.metrics import row_weights, safe_mean
+from fusedlm.research.objectives.objective import Objective, pretraining_model_config
 
 SYNTHETIC = "synthetic"
 
 
-def defaults():
-  """Every field of a seq2seq run config, with its default (its schema)."""
-  from research import run_config  # run_config imports the registry, which imports this
-  config = run_config.defaults()
-  config.objective = "seq2seq"
+def extend_defaults(config):
+  """Pretraining's defaults (run_config.defaults) made a seq2seq run config's:
+  every field with its default, i.e. its schema."""
   del config["nsp"]
   d = config.data
   for key in ("mask_prob", "whole_word_masking"):
@@ -58,7 +57,7 @@ def defaults():
   d.too_long = "error"  # a pair past seq_len: "error" (names it) | "skip"
   d.packing = False  # several pairs per row (segment ids), or one pair per row
   config.label_smoothing = 0.1
-  config.decode = run_config.ml_collections.ConfigDict()
+  config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 4  # 0 = greedy decoding
   config.decode.length_penalty = 0.6  # GNMT's alpha (Wu et al. 2016)
   config.decode.max_new_tokens = 0  # 0 = the model's max_len
@@ -132,7 +131,7 @@ def _batches(config, pairs, tokenizer, batch_size: int, label_smoothing: float):
 def train_data(config, tokenizer):
   """The tokenizer (trained on both sides of the training pairs, cached) and
   the train / validation batch makers."""
-  from research import run_data  # run_data imports the data layer only; keep it lazy
+  from fusedlm.research.data import run_data  # run_data imports the data layer only; keep it lazy
   train, validation = pairs_of(config)
   if tokenizer is None:
     d = config.data
@@ -197,7 +196,7 @@ def extra_evaluation(run, params, batches: parallel_text.Seq2SeqBatches,
     by_source.setdefault(source, []).append(target)
   sources = list(by_source)
   settings = decode_settings(run.config)
-  hypotheses, _ = decoding.translate_texts(run, params, sources, batch_size=batch_size,
+  hypotheses, _ = seq2seq_decoding.translate_texts(run, params, sources, batch_size=batch_size,
                                            **settings)
   metrics = corpus_scores(hypotheses, list(by_source.values()))
   metrics["decoding"] = (f"beam {settings['beam_size']}, length penalty"
@@ -241,6 +240,6 @@ OBJECTIVE = Objective(
     eval_data=eval_data,
     validate=_validate,
     report_keys=("loss", "perplexity", "accuracy", "bleu", "chrf"),
-    config_defaults=defaults,
+    config_defaults=extend_defaults,
     extra_evaluation=extra_evaluation,
 )

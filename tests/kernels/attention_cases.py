@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import reference_attention
+from fusedlm.kernels import reference_attention
 
 TOLERANCE = {  # dtype -> (output, gradients)
     jnp.float32: (2e-5, 1e-4),

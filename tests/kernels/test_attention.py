@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import BlockSizes, dot_product_attention, resolve_implementation
-from kernels import flash_attention, reference_attention
+from fusedlm.kernels import (
+  BlockSizes,
+  dot_product_attention,
+  flash_attention,
+  reference_attention,
+  resolve_implementation,
+)
 from tests.kernels.attention_cases import Case, make_inputs
 
 Q = jnp.ones((2, 8, 4, 32))

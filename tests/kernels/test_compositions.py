@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import BlockSizes, flash_attention, reference_attention
+from fusedlm.kernels import BlockSizes, flash_attention, reference_attention
 from tests.kernels.attention_cases import Case, assert_close, make_inputs
 
 BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16,

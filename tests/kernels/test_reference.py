@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import reference_attention
+from fusedlm.kernels import reference_attention
 from tests.kernels.attention_cases import Case, make_inputs
 
 

@@ -14,8 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import (BlockSizes, dot_product_attention, flash_attention,
-                     reference_attention, variants)
+from fusedlm.kernels import (
+  BlockSizes,
+  dot_product_attention,
+  flash_attention,
+  reference_attention,
+  variants,
+)
 from tests.kernels.attention_cases import TOLERANCE, assert_close
 
 SMALL_BLOCKS = BlockSizes(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from research import run_config, train
+from fusedlm.research import run_config
+from fusedlm.research.training import loop
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_STEPS = 40
@@ -51,7 +52,7 @@ def tiny_bert_config(cache_dir: str, steps: int = TRAIN_STEPS):
 def trained_gpt(tmp_path_factory, shared_cache_dir) -> Path:
   """Workdir of a tiny GPT trained TRAIN_STEPS steps (checkpoints at half and end)."""
   workdir = tmp_path_factory.mktemp("trained_gpt")
-  train.train(tiny_gpt_config(shared_cache_dir), workdir, progress=False)
+  loop.train(tiny_gpt_config(shared_cache_dir), workdir, progress=False)
   return workdir
 
 
@@ -59,5 +60,5 @@ def trained_gpt(tmp_path_factory, shared_cache_dir) -> Path:
 def trained_bert(tmp_path_factory, shared_cache_dir) -> Path:
   """Workdir of a tiny BERT (MLM + NSP) trained TRAIN_STEPS steps."""
   workdir = tmp_path_factory.mktemp("trained_bert")
-  train.train(tiny_bert_config(shared_cache_dir), workdir, progress=False)
+  loop.train(tiny_bert_config(shared_cache_dir), workdir, progress=False)
   return workdir

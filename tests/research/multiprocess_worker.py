@@ -14,10 +14,10 @@ import sys
 
 def main(argv):
   port, num_processes, process_id, workdir, cache_dir, steps, *overrides = argv[1:]
-  from research import parallel
+  from fusedlm.research.runs import parallel
   parallel.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id),
                       timeout_s=60)
-  from research import train
+  from fusedlm.research.training import loop
   from tests.research.test_multiprocess import config_for
   config = config_for(cache_dir, int(steps))
   for override in overrides:
@@ -25,7 +25,7 @@ def main(argv):
     section, field = key.split(".")
     config[section][field] = ast.literal_eval(value)
   try:
-    out = train.train(config, workdir, progress=False)
+    out = loop.train(config, workdir, progress=False)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from research import evaluate, finetune, train
-from research.warm_start import transfer_params
+from fusedlm.research import finetune
+from fusedlm.research.runs.warm_start import transfer_params
+from fusedlm.research.training import eval_loop, loop
 from tests.research.conftest import load_experiment, tiny_bert_config
 
 
@@ -18,7 +19,7 @@ def wordpiece_bert(tmp_path_factory, shared_cache_dir):
   config = tiny_bert_config(shared_cache_dir, steps=40)
   config.data.update(corpus="builtin", tokenizer="wordpiece", vocab_size=2048)
   workdir = tmp_path_factory.mktemp("wordpiece_bert")
-  train.train(config, workdir, progress=False)
+  loop.train(config, workdir, progress=False)
   return workdir
 
 
@@ -44,7 +45,7 @@ def test_builtin_task_is_learned_and_the_result_reloads(wordpiece_bert, tmp_path
   assert result["transfer"].fresh == ("['classifier']['dense']['bias']",
                                       "['classifier']['dense']['kernel']")
   assert "['nsp_head']['kernel']" in result["transfer"].unused
-  reloaded = evaluate.evaluate_run(tmp_path, num_devices=1)
+  reloaded = eval_loop.evaluate_run(tmp_path, num_devices=1)
   assert reloaded["label_names"] == ["concurrency", "email", "testing", "web", "xml"]
   for key in ("loss", "accuracy", "macro_f1"):
     assert reloaded["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
@@ -86,11 +87,11 @@ def test_user_csv_with_the_decoder(trained_gpt, tmp_path):
   out = finetune.finetune(config, tmp_path / "run", str(trained_gpt), progress=False)
   assert out["model"].kind == "decoder" and out["model"].num_labels == 2
   assert out["eval"]["tokens"] == 32
-  again = evaluate.evaluate_run(tmp_path / "run", data=str(test_csv))
+  again = eval_loop.evaluate_run(tmp_path / "run", data=str(test_csv))
   assert again["metrics"]["accuracy"] == pytest.approx(out["eval"]["accuracy"])
   _write_reviews(tmp_path / "odd.csv", [("fine", 7)])
   with pytest.raises(ValueError, match=r"odd.csv:2: label '7' is not one of \['0', '1'\]"):
-    evaluate.evaluate_run(tmp_path / "run", data=str(tmp_path / "odd.csv"))
+    eval_loop.evaluate_run(tmp_path / "run", data=str(tmp_path / "odd.csv"))
 
 
 def test_bad_inputs_are_named(trained_gpt, trained_bert, tmp_path):
@@ -100,7 +101,7 @@ def test_bad_inputs_are_named(trained_gpt, trained_bert, tmp_path):
   with pytest.raises(FileNotFoundError, match="no run folder"):
     finetune.finetune(config, tmp_path / "a", str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="launch it with research.finetune"):
-    train.train(topics_config(), tmp_path / "b", progress=False)
+    loop.train(topics_config(), tmp_path / "b", progress=False)
   empty = load_experiment("finetune_sentiment_csv")
   with pytest.raises(ValueError, match="config.data.task is empty"):
     finetune.finetune(empty, tmp_path / "c", str(trained_gpt), progress=False)

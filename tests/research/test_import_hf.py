@@ -2,8 +2,6 @@
 fill_mask, generate and finetune open. The folders are tiny random
 transformers models saved into tmp_path; nothing is downloaded."""
 
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,10 +9,14 @@ import pytest
 import torch
 import transformers
 
-from research import checkpoint, evaluate, fill_mask, import_hf
-from research.data import train_tokenizer
-from research.decoding import generate_text
-from research.models.hf_import import load_hf_checkpoint
+from fusedlm.research import import_hf
+from fusedlm.research.data import train_tokenizer
+from fusedlm.research.inference import masked_lm
+from fusedlm.research.inference.generation import generate_text
+from fusedlm.research.models.hf_import import load_hf_checkpoint
+from fusedlm.research.runs import checkpoint
+from fusedlm.research.training import eval_loop
+from tests.commands import fusedlm
 
 WORDS = ("the a of to and in is it that for on with as list return value file"
          " name module function class data string number").split()
@@ -59,12 +61,12 @@ def test_evaluate_and_fill_mask_open_it(bert_run, tmp_path):
   notes.mkdir()
   (notes / "a.txt").write_text("return the value of the list.\n" * 8)
   (notes / "b.txt").write_text("the name of the module is a string.\n" * 8)
-  result = evaluate.evaluate_run(run.workdir, data=str(notes), batch_size=8)
+  result = eval_loop.evaluate_run(run.workdir, data=str(notes), batch_size=8)
   metrics = result["metrics"]
   assert metrics["tokens"] > 0 and np.isfinite(metrics["loss"])
   assert 0.0 <= metrics["accuracy"] <= 1.0 and "nsp_accuracy" in metrics
   _, params = run.restore_params()
-  (per_mask,), = fill_mask.fill_mask(run, params, ["return the [MASK] of the list."], top_k=3)
+  (per_mask,), = masked_lm.fill_mask(run, params, ["return the [MASK] of the list."], top_k=3)
   assert len(per_mask) == 3
   probabilities = [p.probability for p in per_mask]
   assert probabilities == sorted(probabilities, reverse=True) and 0 < probabilities[0] <= 1
@@ -101,15 +103,10 @@ def test_bad_imports_are_refused(bert_run, tmp_path):
 
 def test_the_command_line(bert_run, tmp_path):
   hf, _ = bert_run
-  done = subprocess.run(
-      [sys.executable, "-m", "research.import_hf", "--hf", str(hf), "--workdir",
-       str(tmp_path / "cli"), "--dtype", "float32"],
-      capture_output=True, text=True, timeout=300)
+  done = fusedlm("import-hf", "--hf", hf, "--workdir", tmp_path / "cli", "--dtype", "float32")
   assert done.returncode == 0, done.stderr
   assert "objective mlm" in done.stdout and checkpoint.open_run(tmp_path / "cli").steps == (0,)
-  again = subprocess.run(
-      [sys.executable, "-m", "research.import_hf", "--hf", str(hf), "--workdir",
-       str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+  again = fusedlm("import-hf", "--hf", hf, "--workdir", tmp_path / "cli")
   assert again.returncode == 2
   assert again.stderr.strip().endswith("already holds a run; import into a new --workdir.")
 

@@ -8,14 +8,14 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from research import checkpoint as ckpt_lib
-from research import run_logging, train
+from fusedlm.research.runs import checkpoint as ckpt_lib
+from fusedlm.research.runs import logger as run_logging
+from fusedlm.research.training import loop
 from tests.research.conftest import ROOT, tiny_gpt_config
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def cache_dir(tmp_path_factory):
 def test_two_processes_train_as_one_and_share_checkpoints(cache_dir, tmp_path):
   assert jax.local_device_count() == 8
   single, pair = tmp_path / "single", tmp_path / "pair"
-  train.train(config_for(cache_dir, 4), single, progress=False)
+  loop.train(config_for(cache_dir, 4), single, progress=False)
   results = run_processes(pair, cache_dir, 4)
   for code, out, err in results:
     assert code == 0, err[-3000:]
@@ -111,8 +111,8 @@ def test_two_processes_train_as_one_and_share_checkpoints(cache_dir, tmp_path):
 
   # The pair's checkpoint resumes in one process, the single one's in a pair.
   shutil.copytree(single, tmp_path / "single_b")
-  train.train(config_for(cache_dir, 6), single, progress=False)
-  out = train.train(config_for(cache_dir, 6), pair, progress=False)
+  loop.train(config_for(cache_dir, 6), single, progress=False)
+  out = loop.train(config_for(cache_dir, 6), pair, progress=False)
   assert out["start_step"] == 4
   assert_same_run(single, pair, range(5, 7))
   results = run_processes(tmp_path / "single_b", cache_dir, 6)
@@ -141,10 +141,8 @@ def test_a_global_batch_the_devices_cannot_split(cache_dir, tmp_path):
 def test_an_unreachable_coordinator_is_an_error_not_a_hang(tmp_path):
   port = _free_port()
   done = subprocess.run(
-      [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
-       "from research import parallel;"
-       "parallel.initialize(f'127.0.0.1:{sys.argv[2]}', 2, 1, timeout_s=5)",
-       str(ROOT), str(port)],
+      [sys.executable, "-c", "import sys; from fusedlm.research.runs import parallel;"
+       "parallel.initialize(f'127.0.0.1:{sys.argv[1]}', 2, 1, timeout_s=5)", str(port)],
       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode != 0
   assert "could not start process 1 of 2" in done.stderr

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import objectives
+from fusedlm.research import objectives
 
 
 def _log_softmax(x):

@@ -2,13 +2,12 @@
 logs, missing or empty logs, the CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from research.plot import plot_run
+from fusedlm.research.plot import plot_run
+from tests.commands import fusedlm
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,16 +69,11 @@ def test_a_half_written_last_row_is_skipped_and_a_bad_line_named(tmp_path):
 
 def test_cli(trained_gpt, tmp_path):
   out = tmp_path / "cli.png"
-  done = subprocess.run(
-      [sys.executable, "-m", "research.plot", "--workdir", str(trained_gpt),
-       "--out", str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  done = fusedlm("plot", "--workdir", trained_gpt, "--out", out)
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == str(out)
   assert_png(out)
 
-  bad = subprocess.run(
-      [sys.executable, "-m", "research.plot", "--workdir", str(tmp_path / "nothing")],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  bad = fusedlm("plot", "--workdir", tmp_path / "nothing")
   assert bad.returncode == 2
   assert "no metrics.jsonl at" in bad.stderr and "Traceback" not in bad.stderr

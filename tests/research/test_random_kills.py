@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from research import checkpoint as ckpt_lib
-from research import optimizer, steps
+from fusedlm.research.runs import checkpoint as ckpt_lib
+from fusedlm.research.training import optimizer, steps
 from tests.research.conftest import ROOT, tiny_gpt_config
 
 pytestmark = pytest.mark.slow
@@ -28,10 +28,10 @@ STEPS = int(os.environ.get("FUSEDLM_KILL_STEPS", "24"))
 
 WORKER = """
 import sys
-sys.path.insert(0, {root!r})
-from research import train
+sys.path.append({root!r})  # for tests.*; site-packages first
+from fusedlm.research.training import loop
 from tests.research.test_random_kills import kill_config
-train.train(kill_config({cache!r}), {workdir!r}, progress=False)
+loop.train(kill_config({cache!r}), {workdir!r}, progress=False)
 """
 
 

@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from research.models import config as model_config
-from research import run_config
+from fusedlm.research import run_config
+from fusedlm.research.models import config as model_config
 from tests.research.conftest import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,23 +2,24 @@
 recomputation, beam 1 = greedy, refusals, and the synthetic task learned to BLEU >= 95."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import decoding, evaluate, objectives, run_config, train, translate
-from research.data import synthetic_translation
-from research.data.parallel_text import ParallelText, Seq2SeqBatches
-from research.data.tokenizer import train_tokenizer
-from research.models import build_model, random_params
-from research.models import config as model_config
-from research.objectives import seq2seq
-from research.sampling import Sampling
-from tests.research.conftest import ROOT, load_experiment
+from fusedlm.research import objectives, run_config, translate
+from fusedlm.research.data import synthetic_translation
+from fusedlm.research.data.parallel_text import ParallelText, Seq2SeqBatches
+from fusedlm.research.data.tokenizer import train_tokenizer
+from fusedlm.research.inference import generation, seq2seq_decoding
+from fusedlm.research.inference.sampling import Sampling
+from fusedlm.research.models import build_model, random_params
+from fusedlm.research.models import config as model_config
+from fusedlm.research.objectives import seq2seq
+from fusedlm.research.training import eval_loop, loop
+from tests.commands import fusedlm
+from tests.research.conftest import load_experiment
 
 VOCAB = 13  # small: end-of-text (id 2) is likely enough that outputs finish
 EOS = 2
@@ -126,7 +127,7 @@ def model_and_params():
 
 
 def _translate(cfg, params, sources, **kw):
-  return decoding.translate_ids(cfg, params, sources, max_new_tokens=kw.pop("steps", 16),
+  return seq2seq_decoding.translate_ids(cfg, params, sources, max_new_tokens=kw.pop("steps", 16),
                                 start_id=EOS, eos_id=EOS, pad_id=0, **kw)
 
 
@@ -190,10 +191,10 @@ def test_translation_requests_are_checked(model_and_params):
   with pytest.raises(ValueError, match="source 0 must be a non-empty"):
     _translate(cfg, params, [np.array([], np.int32)])
   with pytest.raises(ValueError, match="translation needs an encoder-decoder"):
-    decoding.translate_ids(model_config.tiny_gpt(), params, [np.array([3])],
+    seq2seq_decoding.translate_ids(model_config.tiny_gpt(), params, [np.array([3])],
                            max_new_tokens=4, start_id=0, eos_id=0)
   with pytest.raises(ValueError, match="use research.translate"):
-    decoding.generate(cfg, params, [np.array([3])], max_new_tokens=4)
+    generation.generate(cfg, params, [np.array([3])], max_new_tokens=4)
 
 
 def test_experiment_configs_validate_and_shrink():
@@ -224,9 +225,9 @@ def test_synthetic_task_is_learned_to_bleu_95(tmp_path, shared_cache_dir):
   config.train.steps = 400
   config.train.eval_every = config.checkpoint.every = 400
   workdir = tmp_path / "run"
-  summary = train.train(config, workdir, progress=False)
+  summary = loop.train(config, workdir, progress=False)
   assert summary["eval"]["accuracy"] > 0.98
-  result = evaluate.evaluate_run(workdir, max_batches=2)  # 128 held-out pairs, greedy
+  result = eval_loop.evaluate_run(workdir, max_batches=2)  # 128 held-out pairs, greedy
   bleu = result["metrics"]["bleu"]
   assert bleu >= 95.0, result["metrics"]
   hypotheses = result["outputs"]["hypotheses"]
@@ -240,12 +241,9 @@ def test_synthetic_task_is_learned_to_bleu_95(tmp_path, shared_cache_dir):
   (tmp_path / "in.txt").write_text("".join(s + "\n" for s in sources))
   (tmp_path / "ref.txt").write_text("".join(
       synthetic_translation.translate(s) + "\n" for s in sources))
-  out = subprocess.run(
-      [sys.executable, "-m", "research.translate", "--workdir", str(workdir),
-       "--input", str(tmp_path / "in.txt"), "--reference", str(tmp_path / "ref.txt"),
-       "--output", str(tmp_path / "out.txt"), "--beam_size", "3",
-       "--json", str(tmp_path / "t.json")],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = fusedlm("translate", "--workdir", workdir, "--input", tmp_path / "in.txt",
+                "--reference", tmp_path / "ref.txt", "--output", tmp_path / "out.txt",
+                "--beam_size", "3", "--json", tmp_path / "t.json")
   assert out.returncode == 0, out.stderr
   assert "BLEU" in out.stdout
   record = json.loads((tmp_path / "t.json").read_text())

@@ -1,10 +1,11 @@
 """Small corpora and tiny tokenizers shared by the data tests (built once per worker)."""
 
 import pydoc_data.topics
+
 import pytest
 
-from research.data.corpus import Corpus
-from research.data.tokenizer import train_tokenizer
+from fusedlm.research.data.corpus import Corpus
+from fusedlm.research.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="session")

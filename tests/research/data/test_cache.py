@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from research.data.cache import TokenizedSplit, entry_path, token_dtype, tokenize_split
-from research.data.corpus import Corpus
+from fusedlm.research.data.cache import TokenizedSplit, entry_path, token_dtype, tokenize_split
+from fusedlm.research.data.corpus import Corpus
 
 
 def test_tokens_and_offsets_match_direct_encoding(english_corpus, wordpiece, tmp_path):
@@ -56,7 +56,8 @@ def test_stale_partials_of_dead_writers_are_removed(tmp_path):
   import os
   import subprocess
   import sys
-  from research.data import partials
+
+  from fusedlm.research.data import partials
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True).stdout.strip()
   stale = tmp_path / f"entry.{dead}.partial"

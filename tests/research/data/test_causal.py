@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from research.data.causal import CausalLMBatches
-from research.data.tokenizer import Tokenizer
+from fusedlm.research.data.causal import CausalLMBatches
+from fusedlm.research.data.tokenizer import Tokenizer
 from tests.research.data.token_data import explicit_stream, split_of
 
 LENGTHS = [40, 3, 17, 1, 60, 25, 9, 33, 12, 50, 5, 28]  # 283 tokens, 12 documents.

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from research.data.classification import (
+from fusedlm.research.data.classification import (
     ClassificationBatches,
     LabeledExamples,
     load_labeled_examples,
     truncate_longest_first,
 )
-from research.data.tokenizer import Tokenizer
+from fusedlm.research.data.tokenizer import Tokenizer
 
 
 def test_csv_with_quoted_commas_and_numeric_labels(tmp_path):

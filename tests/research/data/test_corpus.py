@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from research.data.corpus import (
+from fusedlm.research.data.corpus import (
     Corpus,
     corpus_from_documents,
     split_documents,

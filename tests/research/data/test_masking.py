@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from research.data.masking import mask_sequence, select_positions, word_ids_from_starts
+from fusedlm.research.data.masking import mask_sequence, select_positions, word_ids_from_starts
 
 SEQ_LEN = 128
 MASK_ID = 4

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from research.data.cache import TokenizedSplit
-from research.data.mlm import MLMBatches
+from fusedlm.research.data.cache import TokenizedSplit
+from fusedlm.research.data.mlm import MLMBatches
 from tests.research.data.token_data import explicit_stream
 
 LENGTHS = [30, 50, 8, 70, 45, 12, 90, 33, 1, 64]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from research.data.order import BatchSchedule
+from fusedlm.research.data.order import BatchSchedule
 
 
 def test_each_epoch_is_a_fresh_permutation_of_all_full_batches():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from research.data.packing import SeparatedStream
+from fusedlm.research.data.packing import SeparatedStream
 from tests.research.data.token_data import explicit_stream, split_of
 
 

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from research.data import synthetic_translation as st
-from research.data.parallel_text import (
+from fusedlm.research.data import synthetic_translation as st
+from fusedlm.research.data.parallel_text import (
     Seq2SeqBatches,
     Specials,
     load_parallel_text,
     split_pairs,
 )
-from research.data.tokenizer import train_tokenizer
+from fusedlm.research.data.tokenizer import train_tokenizer
 
 PAIRS = [("the cat sleeps", "el gato duerme"), ("a dog", "un perro"),
          ("I said \"no\".", "Dije \"no\"."), ("go", "ve")]

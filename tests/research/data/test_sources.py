@@ -2,8 +2,8 @@
 
 import json
 
-from research.data import sources
-from research.data.corpus import Corpus
+from fusedlm.research.data import sources
+from fusedlm.research.data.corpus import Corpus
 
 
 def test_names_and_suffixes_pick_the_source(tmp_path, monkeypatch):

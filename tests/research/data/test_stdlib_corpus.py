@@ -1,11 +1,12 @@
 """The built-in corpus: contents, size, splitting, and the on-disk memo."""
 
-import numpy as np
 import pydoc_data.topics
+
+import numpy as np
 import pytest
 
-from research.data import stdlib_corpus
-from research.data.corpus import corpus_from_documents, split_paragraphs
+from fusedlm.research.data import stdlib_corpus
+from fusedlm.research.data.corpus import corpus_from_documents, split_paragraphs
 
 MODULE_SOURCE = b'''#!/usr/bin/env python3
 # -*- coding: utf-8 -*-

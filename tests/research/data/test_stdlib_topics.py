@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from research.data import stdlib_topics
-from research.data.classification import LabeledExamples, split_examples
+from fusedlm.research.data import stdlib_topics
+from fusedlm.research.data.classification import LabeledExamples, split_examples
 
 
 def test_labels_follow_the_package():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from research.data.synthetic import (
+from fusedlm.research.data.synthetic import (
     MarkovSource,
     SyntheticSpec,
     random_markov_source,

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from research.data import tokenizer as tokenizer_module
-from research.data.corpus import Corpus
-from research.data.tokenizer import get_or_train_tokenizer, load_tokenizer, train_tokenizer
+from fusedlm.research.data import tokenizer as tokenizer_module
+from fusedlm.research.data.corpus import Corpus
+from fusedlm.research.data.tokenizer import get_or_train_tokenizer, load_tokenizer, train_tokenizer
 
 TEXT = "Hello, wordsmiths! Tokenizers split text into pieces: 42 café"
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from research.data.user_corpus import jsonl_corpus, resolve_paths, text_corpus
+from fusedlm.research.data.user_corpus import jsonl_corpus, resolve_paths, text_corpus
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from research.data.cache import TokenizedSplit
+from fusedlm.research.data.cache import TokenizedSplit
 
 
 def split_of(lengths, start=5, seed=0) -> TokenizedSplit:

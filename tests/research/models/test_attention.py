@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models.config import ModelConfig
-from research.models import random_params
-from research.models.attention import (
-    AttentionMask,
-    LayerCache,
-    SelfAttention,
-    apply_rotary,
+from fusedlm.research.models import random_params
+from fusedlm.research.models.attention import (
+  AttentionMask,
+  LayerCache,
+  SelfAttention,
+  apply_rotary,
 )
+from fusedlm.research.models.config import ModelConfig
 
 
 def _config(**changes):

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
-from research import models
-from research.models import config as model_config
-from research.models.attention import (
+from fusedlm.research import models
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.attention import (
     AttentionMask,
     LayerCache,
     SelfAttention,

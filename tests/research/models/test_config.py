@@ -2,8 +2,8 @@
 
 import pytest
 
-from research.models import config as model_config
-from research.models.config import ModelConfig
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.config import ModelConfig
 
 
 @pytest.mark.parametrize("name", sorted(model_config.presets))

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import config as model_config
-from research.models.decoder import Decoder
-from research.models import build_model, random_params
+from fusedlm.research.models import build_model, random_params
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.decoder import Decoder
 
 VOCAB = 61
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import config as model_config
-from research.models.encoder import Encoder
-from research.models import build_model, init_params, random_params
+from fusedlm.research.models import build_model, init_params, random_params
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.encoder import Encoder
 
 VOCAB = 53
 

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import abstract_params, build_model, count_params, random_params
-from research.models import config as model_config
-from research.models.attention import AttentionMask, CrossAttention
-from research.models.encoder_decoder import EncoderDecoder
+from fusedlm.research.models import abstract_params, build_model, count_params, random_params
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.attention import AttentionMask, CrossAttention
+from fusedlm.research.models.encoder_decoder import EncoderDecoder
 
 VOCAB = 53
 

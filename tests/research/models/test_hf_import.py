@@ -14,8 +14,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from research.models.hf_import import load_hf_checkpoint
-from research.models import build_model
+from fusedlm.research.models import build_model
+from fusedlm.research.models.hf_import import load_hf_checkpoint
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 VOCAB = 97

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import config as model_config
-from research.models.layers import Embedding, Transformer, TransformerBlock
-from research.models import build_model, init_params, random_params
-from research.models.attention import AttentionMask
+from fusedlm.research.models import build_model, init_params, random_params
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.attention import AttentionMask
+from fusedlm.research.models.layers import Embedding, Transformer, TransformerBlock
 
 
 def _config(**changes):

@@ -4,16 +4,16 @@ import jax
 import numpy as np
 import pytest
 
-from research.models import config as model_config
-from research import objectives
-from research.models.decoder import Decoder
-from research.models.encoder import Encoder
-from research.models import (
-    build_model,
-    count_params,
-    init_params,
-    random_params,
+from fusedlm.research import objectives
+from fusedlm.research.models import (
+  build_model,
+  count_params,
+  init_params,
+  random_params,
 )
+from fusedlm.research.models import config as model_config
+from fusedlm.research.models.decoder import Decoder
+from fusedlm.research.models.encoder import Encoder
 
 
 def test_gpt2_small_has_124_4m_parameters():

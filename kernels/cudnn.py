@@ -1,0 +1,61 @@
+"""cuDNN's fused attention through `jax.nn.dot_product_attention`, held to our contract.
+
+The entry point's "cudnn" implementation: the peer the kernels are measured
+against, for the arguments cuDNN takes; anything it would answer differently
+from the reference is refused with a ValueError naming the way out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fusedlm.kernels import masking
+
+
+def cudnn_attention(
+    q, k, v, *, causal=False, scale=None, key_padding_mask=None,
+    segment_ids=None, kv_segment_ids=None,
+):
+  """cuDNN's fused attention, for the arguments it can take.
+
+  Differences from the other implementations, each refused with a
+  ValueError rather than answered differently: no segment ids; causal only
+  for q_len == kv_len (cuDNN aligns the diagonal top-left); bfloat16 or
+  float16 only; head_dim a multiple of 8 up to 256. A key padding mask is
+  passed as a mask; a row whose keys are all padded is not zeroed by cuDNN.
+  """
+  shape = masking.check_qkv(q, k, v)
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+        "implementation='cudnn' needs an NVIDIA GPU; the default backend is"
+        f" {jax.default_backend()!r}."
+    )
+  if segment_ids is not None or kv_segment_ids is not None:
+    raise ValueError(
+        "implementation='cudnn' does not take segment_ids; use 'pallas' or"
+        " 'xla' for packed sequences."
+    )
+  if causal and shape.q_len != shape.kv_len:
+    raise ValueError(
+        "implementation='cudnn' aligns the causal mask top-left, which differs"
+        f" from ours (bottom-right) when q_len ({shape.q_len}) != kv_len"
+        f" ({shape.kv_len}); use 'pallas' or 'xla'."
+    )
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(
+        f"implementation='cudnn' takes bfloat16 or float16, got {q.dtype}."
+    )
+  if shape.head_dim % 8 or shape.head_dim > 256:
+    raise ValueError(
+        "implementation='cudnn' needs head_dim a multiple of 8 and at most"
+        f" 256, got {shape.head_dim}."
+    )
+  mask = None
+  if key_padding_mask is not None:
+    masking.segments_from_masks(shape, key_padding_mask)  # validates
+    mask = key_padding_mask[:, None, None, :]
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=masking.default_scale(shape.head_dim, scale),
+      is_causal=causal, implementation="cudnn",
+  )

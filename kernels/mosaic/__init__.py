@@ -1,0 +1,6 @@
+"""The Hopper (sm_90a) kernel in Pallas' Mosaic GPU backend: wgmma, TMA, warp specialisation.
+
+`attention` (the differentiable `mosaic_attention` and its design notes),
+`forward`, `backward` (dQ and dK/dV) and `tiles` (block sizes, static
+settings, masks and loop bounds the three kernels share).
+"""

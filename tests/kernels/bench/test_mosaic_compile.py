@@ -1,0 +1,134 @@
+"""Our Mosaic GPU kernel compiles for the H100 (sm_90a) on a CPU machine, and the report reads it.
+
+`kernels.bench.mosaic_compile` compiles for a compile-only H100 (JAX >= 0.11, its
+CUDA plugin and ptxas; see the module's docstring) and parses Mosaic's dumps.
+For `kernels.mosaic.attention`'s forward and backward at head dims 64 and
+128, causal or not, with segment ids or not, and grouped-query heads (4:1),
+each of its three kernels (forward, dQ, dK/dV) must:
+
+  * compile for sm_90a, with the three warpgroups (384 threads) it is written for;
+  * not spill (a consumer holding dK and dV at 240 registers is the tight one);
+  * fit the H100's 227 KiB of shared memory;
+  * do its products with wgmma, of the head dim's N where that is the N, and
+    load through TMA.
+
+The parser is also checked on a canned ptxas log / PTX / launch (every JAX);
+the compiling tests skip, with the reason, where JAX < 0.11 or the plugin or
+ptxas is missing (CI's second pass, Python 3.12 / JAX 0.11.2, installs them).
+"""
+
+import jax
+import jaxlib
+import pytest
+
+from fusedlm.kernels.bench import mosaic_compile as mi
+
+SEQ_LEN = 2048
+HEADS = 8
+KERNELS = ("fusedlm_mosaic_fwd", "fusedlm_mosaic_bwd_dq", "fusedlm_mosaic_bwd_dkv")
+SETTINGS = [
+    dict(head_dim=d, causal=c, segments=s, group=1)
+    for d in (64, 128) for c in (False, True) for s in (False, True)
+] + [dict(head_dim=d, causal=True, segments=False, group=4) for d in (64, 128)]
+
+
+def _id(setting):
+  return (f"d{setting['head_dim']}_{'causal' if setting['causal'] else 'full'}"
+          f"{'_segments' if setting['segments'] else ''}_g{setting['group']}")
+
+
+@pytest.fixture(scope="module")
+def compiler():
+  try:
+    return mi.check_environment()
+  except mi.InspectError as e:
+    pytest.skip(f"cannot compile Mosaic GPU kernels here: {e}")
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=_id)
+def test_forward_and_backward_compile_for_sm90_without_spills(compiler, setting):
+  del compiler
+  head_dim = setting["head_dim"]
+  fn, args = mi.fusedlm_case(head_dim, SEQ_LEN, HEADS, "bwd",
+                             causal=setting["causal"], segments=setting["segments"],
+                             group=setting["group"])
+  reports = mi.inspect(fn, *args)
+  table = "\n".join([mi.HEADER] + [mi.format_row(_id(setting), r) for r in reports])
+  assert tuple(r.name for r in reports) == KERNELS, table
+  for r in reports:
+    assert r.threads == 384, table  # two consumer warpgroups and a producer
+    assert 0 < r.registers <= 255, table
+    assert r.spill_store_bytes == r.spill_load_bytes == 0, table
+    assert r.smem_bytes <= mi.SMEM_LIMIT, table
+    assert r.wgmma_count > 0 and r.tma_loads > 0, table
+  forward, dq, dkv = reports
+  # P @ V (forward) and dS @ K (dQ) have the head dim as N; dK/dV's S^T and
+  # dP^T have the query tile (64).
+  assert f"m64n{head_dim}k16" in forward.wgmma, table
+  assert f"m64n{head_dim}k16" in dq.wgmma and "m64n64k16" in dkv.wgmma, table
+
+
+def test_every_call_compiles_again(compiler):
+  """JAX's caches would serve a second compile of the same function without a dump."""
+  del compiler
+  fn, args = mi.fusedlm_case(64, 256, 1, "fwd")
+  first, second = mi.inspect(fn, *args), mi.inspect(fn, *args)
+  assert first == second and len(first) == 1
+
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'anonymous_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for anonymous_mosaic_gpu_kernel
+    104 bytes stack frame, 100 bytes spill stores, 108 bytes spill loads
+ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized
+ptxas warning : Registers are spilled to local memory in function 'anonymous_mosaic_gpu_kernel'
+ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
+"""
+PTX = """\
+  wgmma.fence.sync.aligned;
+  wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%f1}, %rd1, %rd2, p, 1, 1, 0, 1;
+  wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd1, %rd2, p, 1, 1, 0, 1;
+  wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%f1}, %rd1, %rd2, p, 1, 1, 0, 1;
+  wgmma.commit_group.sync.aligned;
+  cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd3, {%r2, %r3, %r4, %r5}], [%r6];
+  cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd3, {%r2, %r3}], [%r6];
+  cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%rd4, {%r2, %r3, %r4, %r5}], [%r7];
+  cp.async.bulk.commit_group;
+"""
+PASSES = """\
+    %1 = gpu.launch async [%0] blocks(%a, %b, %c) in (%d = %c1, %e = %x, %f = %y) threads(%g, %h, %i) in (%j = %w, %k = %c1, %l = %c1) dynamic_shared_memory_size %s {
+    %2 = gpu.launch async [%0] blocks(%a, %b, %c) in (%d = %c1, %e = %c16, %f = %c8) threads(%g, %h, %i) in (%j = %c256, %k = %c1, %l = %c1) dynamic_shared_memory_size %c84056_i32 {
+"""
+
+
+def test_parse_reads_ptxas_ptx_and_launch():
+  r = mi.parse_kernel(PTX, PTXAS_LOG, PASSES, "anonymous")
+  assert (r.registers, r.spill_store_bytes, r.spill_load_bytes, r.stack_frame_bytes) == (
+      255, 100, 108, 104)
+  assert r.smem_bytes == 84056 + 1 and r.threads == 256
+  assert r.wgmma == {"m64n128k16": 2, "m64n64k16": 1} and r.wgmma_count == 3
+  assert (r.tma_loads, r.tma_stores, r.tma) == (2, 1, 3)
+  assert len(r.ptxas_warnings) == 2 and "serialized" in r.ptxas_warnings[0]
+
+
+def test_parse_refuses_a_log_without_registers():
+  with pytest.raises(mi.InspectError, match="registers"):
+    mi.parse_kernel(PTX, PTXAS_LOG.replace("Used 255 registers", "Used many"), PASSES, "k")
+
+
+def test_old_jax_is_refused_with_the_version(monkeypatch):
+  monkeypatch.setattr(jax, "__version__", "0.10.2")
+  monkeypatch.setattr(jaxlib, "__version__", "0.10.2")
+  with pytest.raises(mi.InspectError, match=r"jax 0\.10\.2 .*>= 0\.11"):
+    mi.check_environment()
+
+
+def test_missing_plugin_says_what_to_install(monkeypatch):
+  monkeypatch.setattr(jax, "__version__", "0.11.2")
+  monkeypatch.setattr(jaxlib, "__version__", "0.11.2")
+  monkeypatch.setattr(mi, "PLUGINS", ("no_such_plugin_package",))
+  with pytest.raises(mi.InspectError,
+                     match=r"pip install --no-deps jax-cuda13-plugin==0\.11\.2"
+                           r" jax-cuda13-pjrt==0\.11\.2"):
+    mi.check_environment()
