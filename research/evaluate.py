@@ -21,9 +21,8 @@ from pathlib import Path
 
 from absl import flags
 
-from fusedlm.research import objectives
 from fusedlm.research.runs import command_line
-from fusedlm.research.training.eval_loop import evaluate_run
+from fusedlm.research.training.eval_loop import evaluate_run, format_summary
 
 EVAL_DIR = "eval"
 
@@ -48,15 +47,9 @@ def _write_lines(lines, path: Path) -> Path:
 
 def format_metrics(result: dict) -> str:
   m = result["metrics"]
-  objective = objectives.get(result["objective"])
-  lines = [f"{result['workdir']} step {result['step']} ({objective.name}) on"
-           f" {result['data']}: {m['batches']} batches, {m['tokens']:.0f}"
-           f" {objective.count_unit}"]
-  for key in objective.report_keys:
-    if key in m:
-      lines.append(f"  {key:<13}{m[key]:.4f}")
-  return "\n".join(lines)
-
+  return (f"{result['workdir']} step {result['step']} ({result['objective']}) on"
+          f" {result['data']}, {m['batches']} batches:\n  "
+          + format_summary(m, result["objective"]))
 
 
 def define_flags(fv: flags.FlagValues) -> None:

@@ -119,3 +119,24 @@ def evaluate_batches(p_eval, replicated_params, batches: Iterable[dict],
     summary["confusion"] = totals["confusion"].astype(int).tolist()
   return summary
 
+
+def format_summary(summary: dict, objective_name: str) -> str:
+  """The summary's reported metrics, rounded and labelled, on one line:
+  "loss 4.5912, perplexity 98.31, accuracy 19.10% (over 12,288 tokens)"."""
+  objective = objectives.get(objective_name)
+  parts = []
+  for key in objective.report_keys:
+    if key not in summary:
+      continue
+    value = summary[key]
+    if "accuracy" in key:
+      parts.append(f"{key.replace('_', ' ')} {value:.2%}")
+    elif key in ("bleu", "chrf"):
+      parts.append(f"{key.upper()} {value:.2f}")
+    elif key == "perplexity":
+      parts.append(f"perplexity {value:.2f}")
+    else:
+      parts.append(f"{key.replace('_', ' ')} {value:.4f}")
+  count = summary.get("tokens")
+  return ", ".join(parts) + (f" (over {count:,.0f} {objective.count_unit})"
+                             if count is not None else "")

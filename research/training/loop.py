@@ -20,8 +20,11 @@ logged step and log_every / eval_every / checkpoint.every count micro-batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import jax
 
 from fusedlm.research import models, objectives, run_config
 from fusedlm.research.data import load_tokenizer
+from fusedlm.research.runs import banner
 from fusedlm.research.runs import checkpoint as ckpt_lib
 from fusedlm.research.runs import logger as run_logging
 from fusedlm.research.runs import parallel
@@ -38,6 +42,9 @@ from fusedlm.research.runs.warm_start import WarmStart, transfer_params
 from fusedlm.research.training import optimizer
 from fusedlm.research.training import steps as steps_lib
 from fusedlm.research.training.eval_loop import evaluate_batches
+
+
+DATA_NOTICE_SECONDS = 1.0  # data preparation longer than this is announced
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,19 +85,54 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
         f" {len(parallel.local_devices(devices))} local).")
   parallel.check_same_config(run_config.to_json(config))
   primary = parallel.is_primary()
+  workdir = Path(workdir)
+  # A run refused before its first step leaves no trace (an empty checkpoints/,
+  # a train.lock, a config.json) in a workdir that held no run before.
+  before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
+  fresh = primary and not (before or set()) & {ckpt_lib.CHECKPOINT_DIR, ckpt_lib.CONFIG_FILE}
   lock = WorkdirLock(workdir, progress) if primary else contextlib.nullcontext()
-  with lock:
-    return _train_locked(config, Path(workdir), objective, devices, progress and primary,
-                         stop_at, warm_start, allow_data_change)
+  progress = progress and primary
+  stage = _Stage()
+  try:
+    with lock:
+      stage.locked = True
+      return _train_locked(config, workdir, objective, devices, progress, stop_at,
+                           warm_start, allow_data_change, stage)
+  except BaseException:
+    if fresh and stage.locked and not stage.started:
+      _remove_set_up(workdir, before)
+    raise
+
+
+@dataclasses.dataclass
+class _Stage:
+  """How far a run got: the workdir lock taken, the first step started."""
+  locked: bool = False
+  started: bool = False
+
+
+def _remove_set_up(workdir: Path, before: set[str] | None) -> None:
+  """Removes what a refused set-up added to a workdir that held no run: the
+  folder itself if this run made it, else the entries that were not there."""
+  if before is None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    return
+  for path in workdir.iterdir():
+    if path.name in before:
+      continue
+    if path.is_dir():
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      path.unlink(missing_ok=True)
 
 
 def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_start,
-                  allow_data_change) -> dict:
+                  allow_data_change, stage) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                config.checkpoint["async"])
   try:
     return _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
-                         warm_start, allow_data_change)
+                         warm_start, allow_data_change, stage)
   finally:
     # Waits for an async save in flight, also on a NaN stop. Also when the
     # set-up fails (missing data, a refused resume): Orbax's background
@@ -100,7 +142,7 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
 
 
 def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
-                  warm_start, allow_data_change) -> dict:
+                  warm_start, allow_data_change, stage) -> dict:
   n_local = len(parallel.local_devices(devices))  # this process's pmap shards
   primary = parallel.is_primary()
   resuming = ckpt.latest_step() is not None
@@ -114,7 +156,17 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
   # read what it wrote rather than building the same files at the same time.
   if not primary:
     parallel.barrier("fusedlm:data")
-  data = objective.train_data(config, tokenizer)
+  # Training a tokenizer or tokenizing a corpus can take minutes: say so if it
+  # does (a cached or refused data set says nothing: the banner, or the error,
+  # comes at once).
+  notice = threading.Timer(DATA_NOTICE_SECONDS, lambda: print(
+      f"fusedlm train: preparing the data for {workdir} ...", file=sys.stderr, flush=True))
+  if progress:
+    notice.start()
+  try:
+    data = objective.train_data(config, tokenizer)
+  finally:
+    notice.cancel()
   if primary:
     parallel.barrier("fusedlm:data")
   model_cfg = run_config.build_model_config(
@@ -154,6 +206,13 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
                              data.label_names)
   start = int(host_state.step)
+  if progress:
+    print(f"fusedlm train: {workdir}", file=sys.stderr)
+    print(banner.format_banner(
+        workdir=workdir.absolute(), start=start, total=total, config=config,
+        model_cfg=model_cfg, num_params=banner.parameter_count(host_state.params),
+        attention=banner.describe_attention(model_cfg), devices=devices,
+        objective=objective.name, tokenizer=data.tokenizer), file=sys.stderr, flush=True)
   state = replicate(host_state, devices)
   del host_state
   p_train, p_eval = steps_lib.pmapped_steps(model, tx, objective, devices)
@@ -241,6 +300,7 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
       summary = catch_up(start) or summary
     end = total if stop_at is None else min(stop_at, total)
     finished_at = time.perf_counter()  # when the loop was done with the last step
+    stage.started = True
     for step in range(start, end):
       iteration_start = time.perf_counter()
       profiler.step(step, state)
@@ -281,5 +341,7 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     profiler.close(state)
     logger.close()
   return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,
-          "model": model_cfg, "transfer": transfer}
+          "model": model_cfg, "transfer": transfer, "objective": objective.name,
+          "step": total if stop_at is None else min(stop_at, total),
+          "already_complete": start >= total}
 
