@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from fusedlm.kernels.cudnn import cudnn_attention
 from fusedlm.kernels.mosaic.attention import MosaicBlockSizes, mosaic_attention
@@ -105,6 +106,11 @@ def dot_product_attention(
 
   The semantics of every argument: `kernels.masking` and `kernels.variants`.
   """
+  q, k, v, key_padding_mask, segment_ids, kv_segment_ids, bias, mask = (
+      _as_array(name, x) for name, x in (
+          ("q", q), ("k", k), ("v", v), ("key_padding_mask", key_padding_mask),
+          ("segment_ids", segment_ids), ("kv_segment_ids", kv_segment_ids),
+          ("bias", bias), ("mask", mask)))
   implementation = resolve_implementation(implementation)
   if q.ndim == 3:
     return _unbatched(
@@ -154,6 +160,19 @@ def dot_product_attention(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
   )
+
+
+def _as_array(name: str, x):
+  """An array argument as a jax array: array-likes (numpy arrays, nested lists of
+  numbers) are converted, as jax.nn's functions do; anything else is a
+  TypeError naming the argument."""
+  if x is None or isinstance(x, jax.Array):
+    return x
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be an array or an array-like (a numpy array, a nested"
+                    f" list of numbers), got {type(x).__name__}: {e}") from None
 
 
 _PLAIN = dict(bias=None, mask=None, causal_alignment="bottom_right",

@@ -15,12 +15,12 @@ a line, in step_<N>.hypotheses.txt.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from absl import flags
 
+from fusedlm.research.data import partials
 from fusedlm.research.runs import command_line
 from fusedlm.research.training.eval_loop import evaluate_run, format_summary
 
@@ -37,11 +37,7 @@ def default_output(workdir, step: int, data: str | None) -> Path:
 
 def _write_lines(lines, path: Path) -> Path:
   """One line each, atomically (as command_line.write_json writes JSON)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text("".join(line.replace("\n", " ") + "\n" for line in lines),
-                     encoding="utf-8")
-  os.replace(partial, path)
+  partials.publish(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
   return path
 
 

@@ -27,13 +27,13 @@ from fusedlm.research.inference.generation import (
   generate,
 )
 from fusedlm.research.inference.sampling import Sampling
-from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.runs import command_line, saved_run
 
 
 def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
                    sampling: Sampling, seed: int, step: int | None = None) -> dict:
   """The JSON record the CLI writes: settings plus one entry per prompt."""
-  run = checkpoint.open_run(workdir)
+  run = saved_run.open_run(workdir)
   tokenizer = run.tokenizer
   prompt_ids = encode_prompts(tokenizer, prompts)
   request = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,

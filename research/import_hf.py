@@ -25,13 +25,13 @@ from absl import flags
 from fusedlm.research import run_config
 from fusedlm.research.data import load_tokenizer
 from fusedlm.research.models.hf_import import load_hf_checkpoint
-from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.runs import checkpoint, command_line, run_files, saved_run
 from fusedlm.research.training import optimizer, steps
 
 SEQ_LEN = 128  # config.data.seq_len of the run (at most the model's max_len)
 
 
-def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> checkpoint.SavedRun:
+def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> saved_run.SavedRun:
   """Writes the run folder and returns it, reopened.
 
   runtime_overrides: ModelConfig fields that do not change the parameters
@@ -43,7 +43,7 @@ def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> checkpo
       tokenizer whose size differs from the model's embedding.
   """
   hf_dir, workdir = Path(hf_dir), Path(workdir)
-  if (workdir / checkpoint.CONFIG_FILE).exists() or (workdir / checkpoint.CHECKPOINT_DIR).exists():
+  if (workdir / run_files.CONFIG_FILE).exists() or (workdir / checkpoint.CHECKPOINT_DIR).exists():
     raise ValueError(f"{workdir} already holds a run; import into a new --workdir.")
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"no Hugging Face model folder at {hf_dir}")
@@ -61,14 +61,14 @@ def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> checkpo
         run_config.diff_model(model_cfg.to_dict(), rebuilt.to_dict())))
   tx = optimizer.build_optimizer(config.optimizer, config.train.steps)
   state = steps.create(model_cfg, tx, seed, params=params)
-  checkpoint.write_run_files(workdir, config, tokenizer, model_cfg.to_dict())
+  run_files.write_run_files(workdir, config, tokenizer, model_cfg.to_dict())
   saver = checkpoint.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                   use_async=False)
   try:
     saver.save(0, state, force=True)
   finally:
     saver.close()
-  return checkpoint.open_run(workdir)
+  return saved_run.open_run(workdir)
 
 
 def _run_config(model_cfg, tokenizer_kind: str, seed: int):

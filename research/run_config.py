@@ -268,16 +268,65 @@ def validate(config) -> None:
   if preset and preset not in model_config_lib.presets:
     raise ValueError(f"unknown config.model.preset {preset!r}; choose one of"
                      f" {sorted(model_config_lib.presets)}.")
-  t = config.train
-  for key in ("steps", "batch_size", "log_every", "eval_every"):
-    if t[key] < 1:
-      raise ValueError(f"config.train.{key} must be >= 1, got {t[key]}.")
-  if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
-    raise ValueError("config.checkpoint.every and .keep must be >= 1.")
+  for dotted, kind, low, high in _RANGES:
+    value = _get(config, dotted)
+    if value is not None:
+      _check_range(dotted, value, kind, low, high)
   lr = config.optimizer.learning_rate
   if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
     raise ValueError(f"config.optimizer.learning_rate must be a finite number > 0,"
                      f" got {lr!r} (a negative rate climbs the loss).")
+
+
+# The numeric fields and their ranges, checked before anything runs (a bad one
+# otherwise fails late: a negative eval_batches only at the first evaluation).
+# (field, type, lowest, highest); a bound is (value, inclusive) or None.
+_RANGES = (
+    ("train.steps", int, (1, True), None),
+    ("train.batch_size", int, (1, True), None),
+    ("train.log_every", int, (1, True), None),
+    ("train.eval_every", int, (1, True), None),
+    ("train.eval_batches", int, (0, True), None),  # 0 = every batch of the split
+    ("train.profile_steps", int, (0, True), None),
+    ("train.seed", int, (0, True), None),
+    ("checkpoint.every", int, (1, True), None),
+    ("checkpoint.keep", int, (1, True), None),
+    ("optimizer.warmup_steps", int, (0, True), None),
+    ("optimizer.accumulation_steps", int, (1, True), None),
+    ("optimizer.min_lr_ratio", float, (0.0, True), (1.0, True)),
+    ("optimizer.b1", float, (0.0, True), (1.0, False)),
+    ("optimizer.b2", float, (0.0, True), (1.0, False)),
+    ("optimizer.eps", float, (0.0, False), None),
+    ("optimizer.weight_decay", float, (0.0, True), None),
+    ("optimizer.grad_clip_norm", float, (0.0, True), None),  # 0 = off
+    ("data.seq_len", int, (2, True), None),
+    ("data.vocab_size", int, (1, True), None),
+    ("data.mask_prob", float, (0.0, False), (1.0, False)),
+    ("data.validation_fraction", float, (0.0, True), (1.0, False)),
+)
+
+
+def _get(config, dotted: str):
+  section, _, key = dotted.partition(".")
+  holder = config.get(section)
+  return holder.get(key) if holder is not None and key in holder else None
+
+
+def _check_range(dotted: str, value, kind, low, high) -> None:
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not is_number or (kind is int and not float(value).is_integer()) or (
+      not math.isfinite(value)):
+    raise ValueError(f"config.{dotted} must be {'an integer' if kind is int else 'a number'},"
+                     f" got {value!r}.")
+  for bound, below in ((low, True), (high, False)):
+    if bound is None:
+      continue
+    limit, inclusive = bound
+    ok = (value >= limit if inclusive else value > limit) if below else (
+        value <= limit if inclusive else value < limit)
+    if not ok:
+      sign = (">=" if inclusive else ">") if below else ("<=" if inclusive else "<")
+      raise ValueError(f"config.{dotted} must be {sign} {limit}, got {value!r}.")
 
 
 def build_model_config(config, vocab_size: int,

@@ -24,10 +24,11 @@ from pathlib import Path
 
 from absl import flags
 
+from fusedlm.research.data import partials
 from fusedlm.research.inference import seq2seq_decoding
 from fusedlm.research.inference.sampling import Sampling
 from fusedlm.research.objectives import seq2seq
-from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.runs import command_line, saved_run
 
 
 def read_lines(path) -> list[str]:
@@ -48,7 +49,7 @@ def run_translation(workdir, texts: list[str], *, step: int | None = None,
   beam_size / length_penalty None take the run's config.decode; beam_size 0
   is greedy; a sampling temperature > 0 samples instead of searching.
   """
-  run = checkpoint.open_run(workdir)
+  run = saved_run.open_run(workdir)
   if run.model_cfg.kind != "encoder_decoder":
     raise ValueError(f"{workdir} is a {run.model_cfg.kind} run; research.translate needs"
                      " an encoder-decoder (seq2seq) run (research.generate continues text).")
@@ -125,8 +126,7 @@ def _main(f: flags.FlagValues) -> None:
          if d["beam_size"] else d["sampling"])
   lines = [item["translation"] for item in record["translations"]]
   if f.output:
-    Path(f.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    partials.publish(f.output, "".join(line + "\n" for line in lines))
     print(f"step {record['step']} of {record['workdir']}, {how}: {len(lines)}"
           f" translations written to {f.output}")
   else:

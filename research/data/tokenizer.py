@@ -129,21 +129,25 @@ class Tokenizer:
     return table
 
   def save(self, directory: str | os.PathLike) -> Path:
-    """Writes tokenizer.json, tokenizer_config.json (and vocab.txt for WordPiece)."""
+    """Writes tokenizer.json, tokenizer_config.json (and vocab.txt for WordPiece).
+
+    Each file is published atomically and only if its content changed
+    (`partials.publish`): a kill mid-save leaves every file whole, and saving
+    the same tokenizer again writes nothing.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    self.hf.save(str(directory / "tokenizer.json"))
+    partials.publish(directory / "tokenizer.json", self.hf.to_str(pretty=True))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "fusedlm_kind": self.kind}
     config.update({f"{role}_token": token for role, token in self.roles.items()})
     normalizer = json.loads(self.hf.to_str()).get("normalizer") or {}
     if "lowercase" in normalizer:
       config["do_lower_case"] = normalizer["lowercase"]
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    partials.publish(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     ids = sorted(self._vocab.values())
     if self.kind == "wordpiece" and ids == list(range(len(ids))):
       by_id = sorted(self._vocab, key=self._vocab.__getitem__)
-      (directory / "vocab.txt").write_text("".join(token + "\n" for token in by_id),
-                                           encoding="utf-8")
+      partials.publish(directory / "vocab.txt", "".join(token + "\n" for token in by_id))
     return directory
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Callable, Sequence
 from absl import flags
 
 from fusedlm.kernels.bench import command_line as base
+from fusedlm.research.data import partials
 from fusedlm.research.runs import parallel
 
 USAGE_ERROR = base.USAGE_ERROR
@@ -130,8 +130,5 @@ def start_distributed(f: flags.FlagValues) -> None:
 def write_json(record, path) -> Path:
   """Writes `record` as JSON to `path` atomically: a reader never sees half a file."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-  os.replace(partial, path)
+  partials.publish(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
   return path

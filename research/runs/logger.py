@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import jax
+
+from fusedlm.research.data import partials
 
 # Dense bf16 peak FLOP/s by jax device_kind (vendor data sheets, no sparsity).
 PEAK_FLOPS = {
@@ -213,9 +214,7 @@ def truncate_metrics(workdir, step: int) -> None:
   if len(kept) == len(rows) and (not path.exists() or path.read_text().endswith("\n")
                                  or not path.read_text()):
     return
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
-  os.replace(partial, path)
+  partials.publish(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_metrics(workdir, split: str = "train") -> dict[int, dict]:

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from fusedlm.research import models, objectives
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.runs import saved_run
 from fusedlm.research.runs.parallel import replicate, shard, unreplicate
 from fusedlm.research.training import steps
 
@@ -60,7 +60,7 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
     FileNotFoundError / ValueError: a missing run, step or data file, a
       checkpoint that does not fit the run's model, or a bad batch size.
   """
-  run = checkpoint.open_run(workdir)
+  run = saved_run.open_run(workdir)
   step = run.resolve_step(step)
   devices = jax.local_devices()
   if num_devices is not None:

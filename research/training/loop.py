@@ -8,7 +8,7 @@ one): the state carries the step (= the data position, batch(step) is pure)
 and the dropout RNG, and the checkpoint the partial log window, so the resumed
 losses and metrics.jsonl rows equal an uninterrupted run's (rows logged after
 the checkpoint are dropped and logged again). A resume that would change the
-batches (checkpoint.DATA_FIELDS) is refused unless --allow_data_change. A
+batches (run_files.DATA_FIELDS) is refused unless --allow_data_change. A
 state with NaN or Inf values is never saved; one trainer per workdir.
 
 train.steps counts optimizer updates (as research.training.optimizer does): with
@@ -31,18 +31,15 @@ from pathlib import Path
 import jax
 
 from fusedlm.research import models, objectives, run_config
-from fusedlm.research.data import load_tokenizer
-from fusedlm.research.runs import banner
+from fusedlm.research.runs import banner, parallel, run_files
 from fusedlm.research.runs import checkpoint as ckpt_lib
 from fusedlm.research.runs import logger as run_logging
-from fusedlm.research.runs import parallel
 from fusedlm.research.runs.lock import WorkdirLock
 from fusedlm.research.runs.parallel import replicate, shard, unreplicate
 from fusedlm.research.runs.warm_start import WarmStart, transfer_params
 from fusedlm.research.training import optimizer
 from fusedlm.research.training import steps as steps_lib
 from fusedlm.research.training.eval_loop import evaluate_batches
-
 
 DATA_NOTICE_SECONDS = 1.0  # data preparation longer than this is announced
 
@@ -67,7 +64,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   warm_start (research.finetune) supplies the pretrained tokenizer, model and
   parameters a classification config starts from; a resume reads its own.
   allow_data_change lets a resume change the fields that decide the batches
-  (checkpoint.DATA_FIELDS), which is refused otherwise.
+  (run_files.DATA_FIELDS), which is refused otherwise.
 
   One trainer per workdir (run_lock, held by process 0); the lock is held
   until the last save is written.
@@ -89,7 +86,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   # A run refused before its first step leaves no trace (an empty checkpoints/,
   # a train.lock, a config.json) in a workdir that held no run before.
   before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
-  fresh = primary and not (before or set()) & {ckpt_lib.CHECKPOINT_DIR, ckpt_lib.CONFIG_FILE}
+  fresh = primary and not (before or set()) & {ckpt_lib.CHECKPOINT_DIR, run_files.CONFIG_FILE}
   lock = WorkdirLock(workdir, progress) if primary else contextlib.nullcontext()
   progress = progress and primary
   stage = _Stage()
@@ -146,12 +143,12 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
   n_local = len(parallel.local_devices(devices))  # this process's pmap shards
   primary = parallel.is_primary()
   resuming = ckpt.latest_step() is not None
-  saved_tok = ckpt.workdir / ckpt_lib.TOKENIZER_DIR
   # On resume, the workdir's own tokenizer: the data must be tokenized as before.
-  if resuming and saved_tok.exists():
-    tokenizer = load_tokenizer(saved_tok)
-  else:
-    tokenizer = warm_start.tokenizer if warm_start is not None else None
+  # A damaged one is rebuilt below from the run's settings, then checked.
+  tokenizer, damage = (run_files.tokenizer_for_resume(workdir) if resuming
+                       else (None, None))
+  if tokenizer is None and warm_start is not None:
+    tokenizer = warm_start.tokenizer
   # Process 0 trains the tokenizer and fills the token cache; the others then
   # read what it wrote rather than building the same files at the same time.
   if not primary:
@@ -169,13 +166,23 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     notice.cancel()
   if primary:
     parallel.barrier("fusedlm:data")
+  # Evaluations run during training: an empty validation split fails now, not
+  # after the first eval_every steps.
+  if next(iter(data.eval.eval_batches(1)), None) is None:
+    raise ValueError("the validation split gives no evaluation batch (too little"
+                     " held-out data for one row); give more data, a larger"
+                     " validation fraction, or a shorter data.seq_len.")
   model_cfg = run_config.build_model_config(
       config, data.tokenizer.vocab_size,
       warm_start.model_cfg if warm_start is not None else None,
       len(data.label_names or ()))
   if resuming:
-    ckpt_lib.check_resumable(workdir, config, model_cfg.to_dict(),
-                             allow_data_change=allow_data_change)
+    run_files.check_resumable(workdir, config, model_cfg.to_dict(),
+                              allow_data_change=allow_data_change)
+    if damage is not None:
+      rebuilt = run_files.check_rebuilt_tokenizer(workdir, data.tokenizer, damage)
+      if progress:
+        print(rebuilt, file=sys.stderr)
 
   accum = config.optimizer.accumulation_steps
   updates = config.train.steps
@@ -203,8 +210,8 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
         print(f"warm start from {warm_start.source}: {transfer.describe()}", file=sys.stderr)
   # Only now, every check passed: a refused resume leaves config.json as it was.
   if primary:
-    ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
-                             data.label_names)
+    run_files.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
+                              data.label_names)
   start = int(host_state.step)
   if progress:
     print(f"fusedlm train: {workdir}", file=sys.stderr)

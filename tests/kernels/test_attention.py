@@ -131,3 +131,15 @@ def test_cudnn_refuses_what_it_cannot_take(kwargs, message, monkeypatch):
     k = k.astype(q.dtype)
   with pytest.raises(ValueError, match=message):
     dot_product_attention(q, k, k, implementation="cudnn", **args)
+
+
+def test_array_likes_are_converted_and_other_values_named():
+  q = np.random.RandomState(0).randn(1, 8, 2, 16).astype(np.float32)
+  from_lists = dot_product_attention(q.tolist(), q.tolist(), q.tolist(), causal=True,
+                                     implementation="xla")
+  np.testing.assert_array_equal(
+      from_lists, dot_product_attention(q, q, q, causal=True, implementation="xla"))
+  with pytest.raises(TypeError, match=r"^k must be an array or an array-like .* got str"):
+    dot_product_attention(q, "keys", q)
+  with pytest.raises(TypeError, match=r"^key_padding_mask must be an array .* got dict"):
+    dot_product_attention(q, q, q, key_padding_mask={"a": 1})

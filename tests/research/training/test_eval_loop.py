@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from fusedlm.research import models, objectives
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.runs import saved_run
 from fusedlm.research.runs.parallel import replicate
 from fusedlm.research.training import eval_loop, steps
 from fusedlm.research.training.eval_loop import evaluate_batches
@@ -24,7 +24,7 @@ def test_evaluating_twice_gives_identical_numbers(trained_gpt, trained_bert):
 
 def test_trained_beats_untrained_by_a_clear_margin(trained_gpt):
   trained = eval_loop.evaluate_run(trained_gpt, max_batches=8)["metrics"]
-  run = checkpoint.open_run(trained_gpt)
+  run = saved_run.open_run(trained_gpt)
   devices = jax.local_devices()[:1]
   causal = objectives.get("causal")
   batches, _ = causal.eval_data(run.config, run.tokenizer, 16)
