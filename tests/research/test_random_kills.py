@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 
 from fusedlm.research.runs import checkpoint as ckpt_lib
-from fusedlm.research.runs import checksums, saved_run
+from fusedlm.research.models.config import ModelConfig
+from fusedlm.research.runs import checksums, run_files, saved_run
 from fusedlm.research.training import optimizer, steps
 from tests.research.conftest import ROOT, tiny_gpt_config
 
@@ -148,9 +149,19 @@ def _aftermath(workdir: Path, harness_tokenizer: bytes | None = None,
     return (), True, []  # killed before the run files: a fresh start next time
   tokenizer_json = workdir / "tokenizer" / "tokenizer.json"
   if harness_tokenizer is not None and tokenizer_json.read_bytes() == harness_tokenizer:
+    # Not reopenable until a resume rebuilds the tokenizer; the rest must be whole.
+    record = json.loads((workdir / "config.json").read_text())  # whole, or this raises
+    model_cfg = ModelConfig.from_dict(record[run_files.RESOLVED_MODEL])
     listed = ckpt_lib.checkpoint_steps(workdir / "checkpoints")
-    json.loads((workdir / "config.json").read_text())  # whole, or this raises
-    return listed, True, []
+    lost = []
+    for step in listed:
+      if step == flipped:
+        continue
+      try:
+        ckpt_lib.restore_params(workdir / "checkpoints", step, model_cfg)
+      except ValueError:
+        lost.append(step)
+    return listed, True, lost
   try:
     run = saved_run.open_run(workdir)
   except (ValueError, FileNotFoundError):
@@ -185,6 +196,7 @@ def test_random_kills_resume_exactly(tmp_path):
   workdir = tmp_path / "killed"
   done = 0
   asynchronous = True
+  cut = None  # the tokenizer.json bytes the harness left, until a life rewrites them
   log = []  # (kind, steps listed after, reopens, lost)
   for _ in range(3 * events + 20):
     newest = _newest_step(workdir)
@@ -194,10 +206,9 @@ def test_random_kills_resume_exactly(tmp_path):
     if kind == "flip":
       flipped = _flip_newest(workdir)
       done += 1
-      log.append((kind, *_aftermath(workdir, flipped=flipped)))
+      log.append((kind, *_aftermath(workdir, harness_tokenizer=cut, flipped=flipped)))
       kind = "training" if done < events else None  # the life after the flip
     slow = kind == "run files" and (workdir / "config.json").exists()
-    cut = None
     if slow:
       tokenizer_json = workdir / "tokenizer" / "tokenizer.json"
       cut = tokenizer_json.read_bytes()[:1000]
