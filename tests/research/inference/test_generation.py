@@ -10,7 +10,7 @@ from fusedlm.research.inference.generation import generate, generate_text
 from fusedlm.research.inference.sampling import Sampling
 from fusedlm.research.models import build_model, random_params
 from fusedlm.research.models import config as model_config
-from fusedlm.research.runs.checkpoint import open_run
+from fusedlm.research.runs.saved_run import open_run
 from tests.commands import fusedlm
 
 PROMPTS = ["bcd", "ponmlkji", "the quick brown fox"]  # 3, 8 and 19 tokens (bytes)
