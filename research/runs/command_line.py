@@ -1,6 +1,6 @@
 """What the research commands add to the shared command-line convention
 (`kernels.bench.command_line`): config-file and override errors as one line,
-the multi-process flags, and JSON written atomically.
+the multi-process flags, and JSON and text outputs written atomically.
 
   def main(argv=None):
     command_line.run("fusedlm evaluate", define_flags, _main, argv, doc=__doc__)
@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 from absl import flags
 
 from fusedlm.kernels.bench import command_line as base
+from fusedlm.research import objectives
 from fusedlm.research.runs import parallel
 
 USAGE_ERROR = base.USAGE_ERROR
@@ -135,3 +136,54 @@ def write_json(record, path) -> Path:
   partial.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
   os.replace(partial, path)
   return path
+
+
+def write_lines(lines, path) -> Path:
+  """One line each (newlines inside a line become spaces), atomically."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  partial.write_text("".join(line.replace("\n", " ") + "\n" for line in lines),
+                     encoding="utf-8")
+  os.replace(partial, path)
+  return path
+
+
+def write_evaluation(result: dict, path) -> list[Path]:
+  """An evaluation record (research.training.eval_loop.evaluate_run) as JSON at
+  `path`, and each of its "outputs" beside it: a list one item a line in
+  <path stem>.<name>.txt, a dict as JSON in <path stem>.<name>.json (e.g.
+  SQuAD's predictions.json). Returns the paths, the record's first."""
+  path = Path(path)
+  outputs = result.pop("outputs", {})
+  written = [write_json(result, path)]
+  for name, value in outputs.items():
+    if isinstance(value, dict):
+      written.append(write_json(value, path.with_suffix(f".{name}.json")))
+    else:
+      written.append(write_lines(value, path.with_suffix(f".{name}.txt")))
+  return written
+
+
+EVAL_DIR = "eval"
+
+
+def evaluation_path(workdir, step: int, data: str | None = None) -> Path:
+  """DIR/eval/step_<N>.json, or step_<N>-<data name>.json for other data."""
+  suffix = ""
+  if data is not None:
+    suffix = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name.replace("*", "all"))
+  return Path(workdir) / EVAL_DIR / f"step_{step}{suffix}.json"
+
+
+def format_evaluation(result: dict) -> str:
+  """An evaluation record's headline and its objective's report_keys, one a line."""
+  m = result["metrics"]
+  objective = objectives.get(result["objective"])
+  lines = [f"{result['workdir']} step {result['step']} ({objective.name}) on"
+           f" {result['data']}: {m['batches']} batches, {m['tokens']:.0f}"
+           f" {objective.count_unit}"]
+  for key in objective.report_keys:
+    if key in m:
+      lines.append(f"  {key:<13}{m[key]:.4f}")
+  return "\n".join(lines)
