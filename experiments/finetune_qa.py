@@ -1,9 +1,10 @@
 """Fine-tunes a pretrained encoder for extractive QA on the built-in task (stdlib_qa).
 
-The task (research.data.stdlib_qa) needs no download: contexts of a module's
-function and class names with their one-line summaries, a summary as the
-question, its name as the answer, and one unanswerable question per context
-(SQuAD 2.0 style). Pretrain the tiny BERT first, then:
+The task (research.data.stdlib_qa) needs no download: a card for each
+documented standard-library function, class and method (its summary, kind,
+module, details and class, in a shuffled order) and four questions about it,
+one of them unanswerable for a function or class (SQuAD 2.0 style). Pretrain
+the tiny BERT first, then:
 
   fusedlm train --config experiments/tiny_bert.py --workdir runs/tiny_bert
   fusedlm finetune --config experiments/finetune_qa.py \
@@ -31,12 +32,12 @@ def get_config(arg: str = ""):
   config = run_config.finetune_defaults("qa")
   config.data.task = "stdlib_qa"
   config.data.seq_len = 64  # = the tiny BERT's max_len
-  config.data.max_query_len = 24  # the summaries are one line
+  config.data.max_query_len = 24  # "Which module defines <name>?"
   config.data.doc_stride = 16
   config.optimizer.learning_rate = 2e-3
   config.train.steps = 800
   config.train.batch_size = 32
   config.train.eval_every = 400
   config.checkpoint.every = 400
-  config.decode.max_answer_len = 10  # the names are a few word pieces
+  config.decode.max_answer_len = 30  # a summary line
   return run_config.finish(config, arg)

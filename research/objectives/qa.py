@@ -175,10 +175,10 @@ def extra_evaluation(run, params, batches: qa_windows.SpanBatches,
 
 def trivial_baselines(data: squad.QAData) -> dict[str, dict]:
   """The built-in task's floors: squad_scores of answering nothing, and of the
-  context's first name, to every question (research.data.stdlib_qa)."""
-  first = {q.qid: stdlib_qa.first_name(q.context) for q in data.questions}
+  card's first field, to every question (research.data.stdlib_qa)."""
+  first = {q.qid: stdlib_qa.first_field(q.context) for q in data.questions}
   return {"no_answer": squad_scores(data.questions, {}, version2=data.version2),
-          "first_name": squad_scores(data.questions, first, version2=data.version2)}
+          "first_field": squad_scores(data.questions, first, version2=data.version2)}
 
 
 def _validate(config) -> None:
