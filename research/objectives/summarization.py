@@ -41,7 +41,7 @@ def extend_defaults(config):
   config = seq2seq.extend_defaults(config)
   config.data.corpus = stdlib_summaries.NAME
   config.data.validation_fraction = 0.1
-  config.data.seq_len = 96  # the built-in sources are at most 32 words
+  config.data.seq_len = 96  # the built-in sources are at most 24 words
   config.decode.no_repeat_ngram_size = 3  # as BART's and PEGASUS's summarizers decode
   return config
 
