@@ -7,7 +7,8 @@
   fusedlm train --config experiments/summarize_stdlib.py:runlocal --workdir /tmp/smoke
 
 The task (research.data.stdlib_summaries) needs no download; its trivial
-baseline, a body's first sentence as its summary, is what the run must beat.
+baseline is a body's first sentence as its summary (ROUGE-1/2/L 18.9 / 3.2 /
+15.3), which this CPU budget does not yet reach (16.5 / 1.5 / 14.2, README).
 Your own (document, summary) pairs: --config.data.corpus=pairs.jsonl with
 --config.data.source_field / target_field, as for translation.
 """
@@ -28,8 +29,9 @@ def get_config(arg: str = ""):
   config.optimizer.b2 = 0.98  # Vaswani et al.
   config.optimizer.weight_decay = 0.01
   # More small steps rather than fewer large ones: the decoder must learn to
-  # attend to the source (at 600 steps of 32 it had only learned the summaries'
-  # style: nearly every output was "Return a list of data from a file.").
+  # attend to the source. At 600 steps of 32 (dropout 0.1) it had learned only
+  # the summaries' style (nearly every output "Return a list of data from a
+  # file."); this budget still stays below the lead baseline (README).
   config.train.steps = 1500
   config.train.batch_size = 16
   config.train.log_every = 50
