@@ -1,7 +1,8 @@
 """The run configuration: every default in one place, validation, the ModelConfig.
 
 An experiment (`experiments/*.py`) starts from `defaults()` (pretraining) or
-`finetune_defaults()` (research.finetune) and states only what differs, then
+`finetune_defaults()` (research.finetune; `finetune_defaults("qa")` for
+extractive QA) and states only what differs, then
 hands the result to `finish(config, arg)`, which applies the `runlocal` smoke
 switch when the config file is named as `experiments/X.py:runlocal`:
 
@@ -109,7 +110,7 @@ def defaults(objective: str = "causal") -> ml_collections.ConfigDict:
   record = objectives.get(objective)
   if record.fine_tunes:
     raise ValueError(f"a {objective} config fine-tunes: start it from"
-                     " run_config.finetune_defaults().")
+                     f" run_config.finetune_defaults({objective!r}).")
   config = ml_collections.ConfigDict()
   config.model = _model_section({f.name for f in dataclasses.fields(
       model_config_lib.ModelConfig)} - SET_BY_THE_RUN)
@@ -140,8 +141,16 @@ def defaults(objective: str = "causal") -> ml_collections.ConfigDict:
 FINETUNE_MODEL_KEYS = frozenset({"dropout", "dtype", "param_dtype", "attention", "remat"})
 
 
-def finetune_defaults() -> ml_collections.ConfigDict:
-  """Every field of a fine-tuning (classification) config, with its default."""
+def finetune_defaults(objective: str = "classification") -> ml_collections.ConfigDict:
+  """Every field of a fine-tuning config for `objective`, with its default.
+
+  These are classification's; another fine-tuning objective's record extends
+  them (qa's SQuAD data and answer decoding: `Objective.config_defaults`).
+  """
+  record = objectives.get(objective)
+  if not record.fine_tunes:
+    raise ValueError(f"a {objective} config pretrains: start it from"
+                     f" run_config.defaults({objective!r}).")
   config = ml_collections.ConfigDict()
   config.init_from = ""  # the pretrained workdir; research.finetune --init_from sets it
   config.init_step = 0  # its checkpoint step; 0 = the newest
@@ -175,6 +184,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   config.checkpoint = _checkpoint_section()
   config.checkpoint.every = 100
   config.checkpoint.keep = 1
+  config.objective = objective
+  if record.config_defaults is not None:
+    config = record.config_defaults(config)
   return config
 
 
@@ -230,7 +242,7 @@ def schema_for(config) -> dict:
   """The schema of the config's objective: its record's own defaults, else
   pretraining's or fine-tuning's."""
   objective = objectives.get(config.get("objective"))
-  return _schema_of(finetune_defaults() if objective.fine_tunes
+  return _schema_of(finetune_defaults(objective.name) if objective.fine_tunes
                     else defaults(objective.name))
 
 

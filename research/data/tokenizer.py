@@ -101,6 +101,19 @@ class Tokenizer:
   def encode(self, text: str) -> np.ndarray:
     return self.encode_batch([text])[0]
 
+  def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids int32 [n], offsets int64 [n, 2]) of each text, without framing.
+
+    offsets[i] = (start, end) characters of `text` that token i came from, as
+    Hugging Face `tokenizers` tracks them through normalisation (lower-casing,
+    accent stripping): text[start:end] is the token's original spelling. A
+    byte-level token may include the space before a word, and the bytes of one
+    character share its offsets. Slower than encode_batch, which skips them.
+    """
+    encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
+    return [(np.asarray(e.ids, dtype=np.int32),
+             np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings]
+
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Text of `ids`; special tokens are kept by default so nothing is hidden."""
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

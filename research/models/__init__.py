@@ -4,7 +4,8 @@
   attention.py  multi-head / grouped-query self- and cross-attention through
                 kernels.dot_product_attention, rotary embeddings, the key/value cache
   layers.py     embeddings, the MLP and the one Transformer block all models share
-  encoder.py    BERT-style bidirectional encoder: MLM and NSP heads, classifier
+  encoder.py    BERT-style bidirectional encoder: MLM and NSP heads, classifier,
+                extractive-QA span head
   decoder.py    GPT-style causal decoder: tied LM head, prefill + cached decoding
   encoder_decoder.py  the original Transformer for seq2seq: encoder, decoder with
                 cross-attention, cached decoding with the source's keys kept

@@ -102,6 +102,10 @@ class ModelConfig:
   mlm: bool = True
   # Encoder: build the next-sentence-prediction head (pooler + 2-way linear).
   nsp: bool = False
+  # Encoder: build the extractive-QA span head, a linear layer from every
+  # position's hidden state to its (start, end) logits (Devlin et al. 2019,
+  # section 4.2; Hugging Face's BertForQuestionAnswering qa_outputs).
+  span_head: bool = False
   # Encoder-decoder: one token table for the source, the target and the output
   # layer (Vaswani et al. 2017, section 3.4; T5), which needs one vocabulary
   # for both languages. False: the encoder has its own table; the output layer
@@ -156,7 +160,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"
                "relative_buckets", "relative_max_distance")
 _FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps",
                  "attention_soft_cap", "init_std")
-_BOOL_FIELDS = ("remat", "mlm", "nsp", "share_embeddings")
+_BOOL_FIELDS = ("remat", "mlm", "nsp", "span_head", "share_embeddings")
 _CHOICES = {
     "kind": KINDS,
     "position": POSITIONS,
@@ -245,6 +249,9 @@ def _validate(cfg: ModelConfig):
   if cfg.kind != "encoder" and cfg.nsp:
     raise ValueError("nsp=True needs kind='encoder': the NSP head pools the"
                      " first token of a bidirectional encoder.")
+  if cfg.kind != "encoder" and cfg.span_head:
+    raise ValueError("span_head=True needs kind='encoder': extractive QA reads every"
+                     " position of a bidirectional encoder.")
   if cfg.kind == "encoder_decoder" and cfg.num_labels:
     raise ValueError("num_labels > 0 needs kind='encoder' or 'decoder': the"
                      " encoder-decoder has no classification head.")

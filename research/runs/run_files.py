@@ -107,8 +107,8 @@ DATA_FIELDS = ("data.corpus", "data.tokenizer", "data.vocab_size", "data.seq_len
                "data.validation", "data.validation_fraction", "data.text_field",
                "data.text_pair_field", "data.label_field", "data.target_file",
                "data.source_field", "data.target_field", "data.header", "data.too_long",
-               "data.packing", "data.validation_target_file", "train.batch_size",
-               "train.seed", "nsp", "objective", "optimizer.accumulation_steps")
+               "data.packing", "data.validation_target_file", "data.doc_stride",
+               "data.max_query_len", "train.batch_size", "train.seed", "nsp", "objective", "optimizer.accumulation_steps")
 
 
 def check_resumable(workdir, config, model_cfg_dict: dict, *,

@@ -4,7 +4,7 @@
   params, report = transfer_params(start.params, fresh_params)
 
 Fine-tuning builds a new model (the pretrained architecture with a
-classification head, without the pretraining heads) and fills every parameter
+classification or span head, without the pretraining heads) and fills every parameter
 it shares with the pretrained one by name; the rest keep their fresh
 initialisation and are reported, as Hugging Face reports "newly initialized"
 and "unused" weights.
@@ -26,7 +26,7 @@ from fusedlm.research.runs import saved_run
 
 # Task heads are always trained afresh, even when the pretrained run had one
 # (a classifier fine-tuned again on other labels).
-FRESH_PREFIXES = ("['classifier']",)
+FRESH_PREFIXES = ("['classifier']", "['span_head']")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,11 @@ as many devices as this machine has, whatever the run trained on):
                   evaluations agree exactly); nsp_loss and nsp_accuracy with NSP
   classification  loss, accuracy, macro_f1 and the confusion matrix
                   ([true][predicted], in label_names order)
+  qa              loss and accuracy (both span ends right) per window, then
+                  SQuAD exact match and F1 of the answered questions
   seq2seq         loss, perplexity and accuracy of the target tokens, then
                   BLEU and chrF of the decoded split (sacrebleu)
+  summarization   as seq2seq, with ROUGE-1/2/L (rouge-score) for BLEU
 
 An objective's `extra_evaluation` (what is not a sum over batches, such as
 decoding) runs after the metric pass; its metrics join the summary and its
