@@ -12,7 +12,7 @@ place of the pretraining heads: the encoder pools [CLS] through its pooler, the
 decoder reads its last real token. It trains with research.training.loop, so
 the workdir is an ordinary run: checkpoints that resume, metrics.jsonl, and an
 evaluation on the held-out split (loss, accuracy, macro-F1) every
-train.eval_every steps and at the end, which `research.evaluate --workdir`
+train.eval_every steps and at the end, which `fusedlm evaluate --workdir`
 repeats from the checkpoint. Rerunning the same command resumes.
 """
 
@@ -39,7 +39,7 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
   source = init_from or config.get("init_from")
   if not source:
     raise ValueError("no pretrained run to fine-tune: pass --init_from DIR (a workdir"
-                     " written by research.train) or set config.init_from.")
+                     " written by fusedlm train) or set config.init_from.")
   with config.unlocked():
     config.init_from = str(Path(source).absolute())
   step = config.get("init_step") or None  # 0: the newest checkpoint

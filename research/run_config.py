@@ -1,7 +1,7 @@
 """The run configuration: every default in one place, validation, the ModelConfig.
 
 An experiment (`experiments/*.py`) starts from `defaults()` (pretraining) or
-`finetune_defaults()` (research.finetune) and states only what differs, then
+`finetune_defaults()` (fusedlm finetune) and states only what differs, then
 hands the result to `finish(config, arg)`, which applies the `runlocal` smoke
 switch when the config file is named as `experiments/X.py:runlocal`:
 
@@ -143,7 +143,7 @@ FINETUNE_MODEL_KEYS = frozenset({"dropout", "dtype", "param_dtype", "attention",
 def finetune_defaults() -> ml_collections.ConfigDict:
   """Every field of a fine-tuning (classification) config, with its default."""
   config = ml_collections.ConfigDict()
-  config.init_from = ""  # the pretrained workdir; research.finetune --init_from sets it
+  config.init_from = ""  # the pretrained workdir; fusedlm finetune --init_from sets it
   config.init_step = 0  # its checkpoint step; 0 = the newest
 
   config.model = _model_section(FINETUNE_MODEL_KEYS)  # None = as pretrained

@@ -14,7 +14,7 @@ class Objective:
 
   Attributes:
     name: the value of config.objective.
-    fine_tunes: starts from a pretrained run (research.finetune --init_from)
+    fine_tunes: starts from a pretrained run (fusedlm finetune --init_from)
       and has the fine-tuning config schema; False for pretraining.
     model_config: (config, vocab_size, pretrained=None, num_labels=0) ->
       ModelConfig; refuses a model this objective cannot train.
@@ -24,7 +24,7 @@ class Objective:
     train_data: (config, tokenizer | None) -> run_data.RunData.
     eval_data: (config, tokenizer, batch_size, data | None, label_names) ->
       (batch maker with eval_batches(), description): the run's validation
-      split, or other data named by `research.evaluate --data`.
+      split, or other data named by `fusedlm evaluate --data`.
     validate: (config) -> None; raises ValueError for settings this
       objective does not take.
     eval_sums: (outputs, batch) -> extra sums only evaluation needs, or None.
@@ -38,7 +38,7 @@ class Objective:
     extra_evaluation: (saved run, params, eval batch maker, max_batches) ->
       {"metrics": {...}, "outputs": {name: [line, ...]}} for what is not a
       sum over batches (seq2seq: decode the split, score BLEU and chrF); None
-      = none. research.evaluate adds the metrics to its summary and writes
+      = none. fusedlm evaluate adds the metrics to its summary and writes
       each output beside its JSON (step_<N>.<name>.txt).
   """
 

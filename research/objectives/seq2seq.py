@@ -12,9 +12,9 @@ with a parallel-text data section and the decoding settings):
                           in Vaswani et al. 2017. Training only: evaluation
                           reports the plain cross-entropy and its perplexity
   config.decode           beam_size, length_penalty, max_new_tokens of the
-                          BLEU evaluation (research.evaluate)
+                          BLEU evaluation (fusedlm evaluate)
 
-`research.evaluate` on a seq2seq run reports loss / perplexity / accuracy of
+`fusedlm evaluate` on a seq2seq run reports loss / perplexity / accuracy of
 the target tokens and then decodes the evaluation split: sacrebleu's corpus
 BLEU and chrF, against every reference of a source (a source translated
 several ways, as in Tatoeba, is decoded once and scored against all its
