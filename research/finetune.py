@@ -20,10 +20,10 @@ through its pooler and the decoder reads its last real token; for QA
 the encoder. It trains with research.training.loop, so the workdir is an
 ordinary run: checkpoints that resume, metrics.jsonl, and an evaluation on
 the held-out split (loss, accuracy, and macro-F1 or span accuracy) every
-train.eval_every steps and at the end, which `research.evaluate --workdir`
+train.eval_every steps and at the end, which `fusedlm evaluate --workdir`
 repeats from the checkpoint. An objective with a decoding evaluation (QA:
 exact match and F1 of the answers) runs it at the end and writes it as
-`research.evaluate` does (DIR/eval/step_<N>.json, with predictions.json's
+`fusedlm evaluate` does (DIR/eval/step_<N>.json, with predictions.json's
 record beside it). Rerunning the same command resumes.
 """
 
@@ -51,7 +51,7 @@ def finetune(config, workdir, init_from: str | None = None, **train_options) -> 
   source = init_from or config.get("init_from")
   if not source:
     raise ValueError("no pretrained run to fine-tune: pass --init_from DIR (a workdir"
-                     " written by research.train) or set config.init_from.")
+                     " written by fusedlm train) or set config.init_from.")
   with config.unlocked():
     config.init_from = str(Path(source).absolute())
   step = config.get("init_step") or None  # 0: the newest checkpoint

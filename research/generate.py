@@ -64,7 +64,7 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
 
 def define_flags(fv: flags.FlagValues) -> None:
   f = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "run folder written by research.train", **f)
+  flags.DEFINE_string("workdir", None, "run folder written by fusedlm train", **f)
   flags.DEFINE_multi_string("prompt", None, "text to continue; repeat for a batch"
                             " (\"\" starts from end-of-text)", **f)
   flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt at most", **f)

@@ -8,10 +8,10 @@
 
 The folder needs config.json, the weights (model.safetensors, a sharded
 index, or pytorch_model.bin) and the tokenizer (tokenizer.json, or a BERT
-vocab.txt); nothing is downloaded. The run it writes is like one research.train
+vocab.txt); nothing is downloaded. The run it writes is like one fusedlm train
 wrote: config.json (objective "mlm" for BERT, with NSP when the model has that
 head, "causal" for GPT-2; the model fields are the imported model's, so
-research.train on the folder continues pretraining from it), the tokenizer,
+fusedlm train on the folder continues pretraining from it), the tokenizer,
 and a checkpoint at step 0 holding the parameters and a fresh AdamW state.
 An existing run is never overwritten.
 """
@@ -54,7 +54,7 @@ def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> saved_r
                      f" model's embedding {model_cfg.vocab_size} rows; they must match.")
   config = _run_config(model_cfg, tokenizer.kind, seed)
   # The run's own rebuild of the model must be the imported one, or a resume
-  # (research.train on this folder) would be refused.
+  # (fusedlm train on this folder) would be refused.
   rebuilt = run_config.build_model_config(config, tokenizer.vocab_size)
   if rebuilt != model_cfg:
     raise ValueError("the run config does not rebuild the imported model: " + "; ".join(

@@ -68,7 +68,7 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
   workdir = Path(workdir).absolute()
   path = workdir / METRICS_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"no {METRICS_FILE} at {path}: research.train writes one"
+    raise FileNotFoundError(f"no {METRICS_FILE} at {path}: fusedlm train writes one"
                             " into its --workdir as it trains.")
   out = Path(out).absolute() if out is not None else workdir / DEFAULT_OUT
   if out.suffix.lower() != ".png":

@@ -1,7 +1,7 @@
 """The run configuration: every default in one place, validation, the ModelConfig.
 
 An experiment (`experiments/*.py`) starts from `defaults()` (pretraining) or
-`finetune_defaults()` (research.finetune; `finetune_defaults("qa")` for
+`finetune_defaults()` (fusedlm finetune; `finetune_defaults("qa")` for
 extractive QA) and states only what differs, then
 hands the result to `finish(config, arg)`, which applies the `runlocal` smoke
 switch when the config file is named as `experiments/X.py:runlocal`:
@@ -152,7 +152,7 @@ def finetune_defaults(objective: str = "classification") -> ml_collections.Confi
     raise ValueError(f"a {objective} config pretrains: start it from"
                      f" run_config.defaults({objective!r}).")
   config = ml_collections.ConfigDict()
-  config.init_from = ""  # the pretrained workdir; research.finetune --init_from sets it
+  config.init_from = ""  # the pretrained workdir; fusedlm finetune --init_from sets it
   config.init_step = 0  # its checkpoint step; 0 = the newest
 
   config.model = _model_section(FINETUNE_MODEL_KEYS)  # None = as pretrained

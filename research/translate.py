@@ -61,8 +61,8 @@ def run_translation(workdir, texts: list[str], *, step: int | None = None,
   """
   run = saved_run.open_run(workdir)
   if run.model_cfg.kind != "encoder_decoder":
-    raise ValueError(f"{workdir} is a {run.model_cfg.kind} run; research.translate needs"
-                     " an encoder-decoder (seq2seq) run (research.generate continues text).")
+    raise ValueError(f"{workdir} is a {run.model_cfg.kind} run; fusedlm translate needs"
+                     " an encoder-decoder (seq2seq) run (fusedlm generate continues text).")
   if not texts:
     raise ValueError("nothing to translate: give --text or a non-empty --input.")
   if references is not None and len(references) != len(texts):
@@ -108,7 +108,7 @@ def run_translation(workdir, texts: list[str], *, step: int | None = None,
 
 def define_flags(fv: flags.FlagValues) -> None:
   f = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "seq2seq run folder written by research.train", **f)
+  flags.DEFINE_string("workdir", None, "seq2seq run folder written by fusedlm train", **f)
   flags.DEFINE_multi_string("text", None, "a text to translate; repeat for a batch", **f)
   flags.DEFINE_string("input", None, "a file of texts to translate, one a line", **f)
   flags.DEFINE_string("output", None, "write the translations here, one a line", **f)

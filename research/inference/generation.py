@@ -96,7 +96,7 @@ def check_request(
   if model_cfg.kind == "encoder_decoder":
     raise ValueError(
         "this is an encoder-decoder (seq2seq) checkpoint: it continues no prompt but"
-        " translates a source; use research.translate (seq2seq_decoding.translate_texts).")
+        " translates a source; use fusedlm translate (seq2seq_decoding.translate_texts).")
   if model_cfg.kind != "decoder":
     raise ValueError(
         "generation needs a decoder (causal LM) checkpoint; this one is an"

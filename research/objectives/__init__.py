@@ -9,7 +9,7 @@
 Everything that differs between objectives lives in its record: the batches it
 trains and evaluates on, the model it needs, how the model is run on a batch,
 the loss and metric sums, and what the commands report. The trainer, the
-train and eval steps, the config schema and `research.evaluate` only look a
+train and eval steps, the config schema and `fusedlm evaluate` only look a
 record up. Adding an objective is one module here that defines its record and
 one line in REGISTRY.
 

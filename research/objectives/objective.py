@@ -14,7 +14,7 @@ class Objective:
 
   Attributes:
     name: the value of config.objective.
-    fine_tunes: starts from a pretrained run (research.finetune --init_from)
+    fine_tunes: starts from a pretrained run (fusedlm finetune --init_from)
       and has the fine-tuning config schema; False for pretraining.
     model_config: (config, vocab_size, pretrained=None, num_labels=0) ->
       ModelConfig; refuses a model this objective cannot train.
@@ -24,7 +24,7 @@ class Objective:
     train_data: (config, tokenizer | None) -> run_data.RunData.
     eval_data: (config, tokenizer, batch_size, data | None, label_names) ->
       (batch maker with eval_batches(), description): the run's validation
-      split, or other data named by `research.evaluate --data`.
+      split, or other data named by `fusedlm evaluate --data`.
     validate: (config) -> None; raises ValueError for settings this
       objective does not take.
     eval_sums: (outputs, batch) -> extra sums only evaluation needs, or None.
@@ -39,12 +39,12 @@ class Objective:
       {"metrics": {...}, "outputs": {name: [line, ...] or {...}}} for what is
       not a sum over batches (seq2seq: decode the split, score BLEU and chrF;
       qa: answer the questions, score exact match and F1); None = none.
-      research.evaluate adds the metrics to its summary and writes each
+      fusedlm evaluate adds the metrics to its summary and writes each
       output beside its JSON: a list one item a line (step_<N>.<name>.txt),
       a dict as JSON (step_<N>.<name>.json).
     text_scores: (hypotheses, references per hypothesis) -> metrics of
       decoded text against references (seq2seq: BLEU and chrF;
-      summarization: ROUGE), for research.translate --reference; None = none.
+      summarization: ROUGE), for fusedlm translate --reference; None = none.
   """
 
   name: str

@@ -1,5 +1,5 @@
 """Extractive question answering: a pretrained encoder fine-tuned with a span
-head (research.finetune), scored with SQuAD's exact match and F1.
+head (fusedlm finetune), scored with SQuAD's exact match and F1.
 
 An experiment starts from `run_config.finetune_defaults("qa")` (fine-tuning's,
 with these data and decoding fields in place of the classification ones):
@@ -18,8 +18,8 @@ with these data and decoding fields in place of the classification ones):
 The loss is the mean of the start and end positions' cross-entropies over a
 window's tokens (padding excluded), as BERT's; a window without the answer
 points both at [CLS]. The training loop's evaluations report that loss and
-`accuracy` (both ends right) per window; `research.evaluate` and the end of
-`research.finetune` then decode every question of the split (the best valid
+`accuracy` (both ends right) per window; `fusedlm evaluate` and the end of
+`fusedlm finetune` then decode every question of the split (the best valid
 span across its windows) and report exact match and F1 as the official SQuAD
 scripts define them (research.objectives.squad_scores), writing the official
 predictions.json (question id -> answer) beside the metrics.
@@ -90,7 +90,7 @@ def model_config(config, vocab_size, pretrained=None, num_labels: int = 0):
   del num_labels
   if pretrained is None:
     raise ValueError("a qa config fine-tunes a pretrained encoder; none given"
-                     " (research.finetune --init_from DIR).")
+                     " (fusedlm finetune --init_from DIR).")
   if pretrained.kind != "encoder":
     raise ValueError(f"extractive QA needs a pretrained encoder (BERT-style); the run is"
                      f" a {pretrained.kind}.")
@@ -128,7 +128,7 @@ def train_data(config, tokenizer):
   from fusedlm.research.data import run_data  # run_data imports the data layer only; keep it lazy
   if tokenizer is None:
     raise ValueError("a qa run keeps its pretrained model's tokenizer; none was given"
-                     " (research.finetune --init_from DIR).")
+                     " (fusedlm finetune --init_from DIR).")
   train, validation = questions_of(config.data)
   size = config.train.batch_size
   return run_data.RunData(tokenizer, _batches(config, train, tokenizer, size),

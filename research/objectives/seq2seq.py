@@ -13,9 +13,9 @@ with a parallel-text data section and the decoding settings):
                           reports the plain cross-entropy and its perplexity
   config.decode           beam_size, length_penalty, max_new_tokens,
                           min_new_tokens, no_repeat_ngram_size of the BLEU
-                          evaluation (research.evaluate) and research.translate
+                          evaluation (fusedlm evaluate) and fusedlm translate
 
-`research.evaluate` on a seq2seq run reports loss / perplexity / accuracy of
+`fusedlm evaluate` on a seq2seq run reports loss / perplexity / accuracy of
 the target tokens and then decodes the evaluation split: sacrebleu's corpus
 BLEU and chrF, against every reference of a source (a source translated
 several ways, as in Tatoeba, is decoded once and scored against all its

@@ -14,12 +14,12 @@ defaults. An experiment starts from `run_config.defaults("summarization")`:
                        (min_new_tokens, max_new_tokens, no_repeat_ngram_size;
                        research.inference.seq2seq_decoding)
 
-`research.evaluate` reports the target tokens' loss, perplexity and accuracy,
+`fusedlm evaluate` reports the target tokens' loss, perplexity and accuracy,
 then decodes the split and reports ROUGE-1, ROUGE-2 and ROUGE-L (Lin 2004)
 as the `rouge-score` package computes them: F-measure, Porter stemming, its
 tokenizer (lower-cased ASCII letters and digits), the best over a source's
 references, averaged over the sources, times 100 (as Hugging Face's
-summarization examples report them). `research.translate --reference` on a
+summarization examples report them). `fusedlm translate --reference` on a
 summarization run scores the same way.
 """
 

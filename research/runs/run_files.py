@@ -117,7 +117,7 @@ def check_resumable(workdir, config, model_cfg_dict: dict, *,
   differ from the current config; names every differing field.
 
   The saved config.json holds the resolved ModelConfig under RESOLVED_MODEL;
-  data changes pass with allow_data_change (research.train --allow_data_change).
+  data changes pass with allow_data_change (fusedlm train --allow_data_change).
   """
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():

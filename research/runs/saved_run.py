@@ -72,7 +72,7 @@ class SavedRun:
     if not self.steps:
       raise ValueError(f"{self.checkpoint_dir} holds no complete checkpoint"
                        f"{incomplete_note(self.checkpoint_dir)}; train first"
-                       " (research.train writes one every checkpoint.every steps).")
+                       " (fusedlm train writes one every checkpoint.every steps).")
     if step is None:
       return self.steps[-1]
     if step not in self.steps:
@@ -111,7 +111,7 @@ def open_run(workdir: str | os.PathLike) -> SavedRun:
   config_path = workdir / CONFIG_FILE
   if not config_path.is_file():
     raise FileNotFoundError(
-        f"{workdir} has no {CONFIG_FILE}: not a fusedlm workdir (research.train"
+        f"{workdir} has no {CONFIG_FILE}: not a fusedlm workdir (fusedlm train"
         f" writes {CONFIG_FILE}, {TOKENIZER_DIR}/ and"
         f" {CHECKPOINT_DIR}/ there).")
   record = read_config_json(config_path)

@@ -61,7 +61,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   step reduces across all of them, and only process 0 writes logs and run
   files (all take part in checkpoint saves). stop_at ends the
   run after that step (saving a checkpoint there), as an interruption would.
-  warm_start (research.finetune) supplies the pretrained tokenizer, model and
+  warm_start (fusedlm finetune) supplies the pretrained tokenizer, model and
   parameters a classification config starts from; a resume reads its own.
   allow_data_change lets a resume change the fields that decide the batches
   (run_files.DATA_FIELDS), which is refused otherwise.
@@ -73,7 +73,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   objective = objectives.get(config.objective)
   if objective.fine_tunes and warm_start is None:
     raise ValueError(f"a {objective.name} config fine-tunes a pretrained run: launch it"
-                     " with research.finetune --init_from DIR.")
+                     " with fusedlm finetune --init_from DIR.")
   devices = list(devices) if devices is not None else parallel.run_devices(num_devices)
   if config.train.batch_size % len(devices):
     raise ValueError(

@@ -1,4 +1,4 @@
-"""research.import_hf: a Hugging Face folder becomes a run that evaluate,
+"""fusedlm import-hf: a Hugging Face folder becomes a run that evaluate,
 fill_mask, generate and finetune open. The folders are tiny random
 transformers models saved into tmp_path; nothing is downloaded."""
 
