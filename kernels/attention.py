@@ -30,7 +30,7 @@ import jax
 from fusedlm.kernels.cudnn import cudnn_attention
 from fusedlm.kernels.mosaic.attention import MosaicBlockSizes, mosaic_attention
 from fusedlm.kernels.reference import reference_attention
-from fusedlm.kernels.tpu.attention import TpuBlockSizes, tpu_attention
+from fusedlm.kernels.tpu.attention import TpuBlockSizes, compiles_for_tpu, tpu_attention
 from fusedlm.kernels.triton.attention import BlockSizes, flash_attention
 
 Implementation = Literal["auto", "pallas", "xla", "cudnn", "mosaic", "tpu"]
@@ -142,7 +142,7 @@ def dot_product_attention(
     )
   if implementation == "tpu":
     if interpret is None:
-      interpret = jax.default_backend() != "tpu"
+      interpret = not compiles_for_tpu()
     return tpu_attention(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **variant_args,

@@ -36,6 +36,8 @@ block ranges, masks) and `block_sizes` (the tuning knob).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -57,6 +59,26 @@ from fusedlm.kernels.tpu.block_sizes import (
 )
 from fusedlm.kernels.tpu.forward import forward
 from fusedlm.kernels.tpu.tiles import TpuStatic
+
+
+_TARGET_TPU = contextvars.ContextVar("fusedlm_target_tpu", default=False)
+
+
+@contextlib.contextmanager
+def targeting_tpu():
+  """Within it, "tpu" attention compiles its kernels for a TPU whatever the
+  default backend: for lowering a model for a TPU topology on a machine
+  without one (`kernels.bench.tpu_compile`, the deviceless tests)."""
+  token = _TARGET_TPU.set(True)
+  try:
+    yield
+  finally:
+    _TARGET_TPU.reset(token)
+
+
+def compiles_for_tpu() -> bool:
+  """Whether kernels traced now are for a TPU (the backend, or `targeting_tpu`)."""
+  return _TARGET_TPU.get() or jax.default_backend() == "tpu"
 
 
 class _Aux:
@@ -159,7 +181,7 @@ def tpu_attention(
   `kernels.variants`. `interpret=True` runs the kernels in Pallas' TPU
   interpreter on any backend; otherwise they compile for a TPU.
   """
-  if not interpret and jax.default_backend() != "tpu":
+  if not interpret and not compiles_for_tpu():
     raise ValueError(
         "implementation='tpu' compiles for TPUs; on the"
         f" {jax.default_backend()!r} backend pass interpret=True or use"
@@ -173,7 +195,7 @@ def tpu_attention(
       block_sizes=block_sizes, interpret=interpret)
 
 
-def _tiles(blocks: TpuBlockSizes, shape: masking.AttentionShape, interpret: bool):
+def kernel_tiles(blocks: TpuBlockSizes, shape: masking.AttentionShape, interpret: bool):
   """The clamped (block_q, block_k) of the forward, dQ and dK/dV kernels."""
   q_floor, k_floor = floors(interpret)
   return tuple(
@@ -203,6 +225,8 @@ def tpu_attention_any_device(q, k, v, *, return_lse=False, **kwargs):
   (`kernels.bench.tpu_compile`); callers should use `tpu_attention`.
   """
   qp, kp, vp, aux, st = prepare(q, k, v, return_lse=return_lse, **kwargs)
+  if not st.interpret:
+    _check_vmem(st.tiles, masking.check_qkv(q, k, v), q.dtype.itemsize, st.blocks)
   result = _attention(qp, kp, vp, aux, st)
   out, lse = result if st.var.return_lse else (result, None)
   out = jnp.swapaxes(out, 1, 2)[:, : st.q_len]
@@ -221,6 +245,11 @@ def prepare(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
   `kernels.bench.tpu_compile` compiles each kernel from.
   """
   shape = masking.check_qkv(q, k, v)
+  if q.dtype == jnp.float16:
+    raise ValueError(
+        "implementation='tpu' takes bfloat16 or float32: Mosaic TPU has no"
+        " float16 loads or arithmetic (v4, v5e: the kernel fails to compile);"
+        " cast to bfloat16.")
   segments = masking.segments_from_masks(
       shape, key_padding_mask, segment_ids, kv_segment_ids)
   bias, bias_layout = variants.check_broadcast("bias", bias, shape, boolean=False)
@@ -234,9 +263,7 @@ def prepare(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     block_sizes = TpuBlockSizes.get_default(max(shape.head_dim, shape.v_head_dim))
   elif not isinstance(block_sizes, TpuBlockSizes):
     raise ValueError(f"block_sizes must be a TpuBlockSizes, got {block_sizes!r}.")
-  tiles_ = _tiles(block_sizes, shape, bool(interpret))
-  if not interpret:
-    _check_vmem(tiles_, shape, q.dtype.itemsize, block_sizes)
+  tiles_ = kernel_tiles(block_sizes, shape, bool(interpret))
   st = TpuStatic(
       scale=masking.default_scale(shape.head_dim, scale), causal=bool(causal),
       q_len=shape.q_len, kv_len=shape.kv_len, group=shape.group_size,

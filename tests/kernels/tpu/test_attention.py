@@ -158,6 +158,12 @@ def test_entry_point_dispatches_to_the_tpu_kernel():
 
 # Argument checks: no kernel runs.
 
+def test_refuses_float16():
+  x = jnp.zeros((1, 8, 2, 64), jnp.float16)
+  with pytest.raises(ValueError, match="bfloat16 or float32.*no float16"):
+    tpu_attention(x, x, x, interpret=True)
+
+
 def test_refuses_to_compile_off_tpu():
   if jax.default_backend() == "tpu":
     pytest.skip("this machine has a TPU: the compiled path is allowed")
