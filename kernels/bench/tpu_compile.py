@@ -200,16 +200,26 @@ def min_vmem_bytes(kernel: str, problem: Problem, blocks: TpuBlockSizes, device,
   """The smallest scoped-VMEM limit (a multiple of `resolution`) under which
   `kernel` compiles; `upper` must compile (it is the default limit)."""
   args = _abstract_args(problem, device)
-  low, high = 0, upper  # low fails (nothing fits in 0 bytes), high compiles
-  while high - low > resolution:
-    mid = (low + high) // 2 // resolution * resolution or resolution
-    limited = dataclasses.replace(blocks, vmem_limit_bytes=mid)
+
+  def compiles(limit: int) -> bool:
+    limited = dataclasses.replace(blocks, vmem_limit_bytes=limit)
     try:
       jax.jit(_kernel_fn(kernel, problem, limited)).trace(*args).lower().compile()
-      high = mid
+      return True
     except Exception as e:  # noqa: BLE001 - only a VMEM shortfall is expected
       if not _is_vmem_oom(e):
         raise
+      return False
+
+  if not compiles(upper):
+    raise ValueError(f"the {kernel} kernel does not fit {upper} bytes of scoped"
+                     f" VMEM with {blocks}; use smaller tiles.")
+  low, high = 0, upper  # low fails (nothing fits in 0 bytes), high compiles
+  while high - low > resolution:
+    mid = (low + high) // 2 // resolution * resolution or resolution
+    if compiles(mid):
+      high = mid
+    else:
       low = mid
   return high
 
