@@ -148,11 +148,13 @@ def test_entry_point_dispatches_to_the_tpu_kernel():
   ref = reference_attention(q, k, v, causal=True)
   assert_close(np.asarray(out), np.asarray(ref), TOLERANCE[jnp.float32][0],
                "output")
-  expected = "tpu" if jax.default_backend() == "tpu" else None
-  if expected:
-    assert resolve_implementation("auto") == "tpu"
-  else:
-    assert resolve_implementation("auto") != "tpu"
+
+
+def test_auto_picks_the_tpu_kernel_on_tpu_backends(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert resolve_implementation("auto") == "tpu"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert resolve_implementation("auto") == "xla"
 
 
 # Argument checks: no kernel runs.
