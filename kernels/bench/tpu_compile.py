@@ -31,6 +31,8 @@ its own, from the layout `kernels.tpu.attention.prepare` makes, for device
     compiling (absl's W/E lines, or any line saying warning), verbatim.
 
 One kernel compiles in about a second on a CPU; bisection costs ~8 compiles.
+Several processes may compile at once (`ALLOW_MULTIPLE_LIBTPU_LOAD`, set
+by `topology_devices`: libtpu's one-process lock is for a real TPU).
 libtpu prints a few lines about missing TPU_* environment variables when the
 first topology is made: it looks for a TPU to attach to and finds none.
 """
@@ -57,7 +59,7 @@ from fusedlm.kernels.tpu.attention import kernel_tiles, prepare
 from fusedlm.kernels.tpu.backward import backward_dkv, backward_dq
 from fusedlm.kernels.tpu.block_sizes import (
   DEFAULT_SCOPED_VMEM,
-  LANES,
+  ROW_LANES,
   TpuBlockSizes,
   vmem_bytes,
 )
@@ -92,6 +94,11 @@ def topology_devices(name: str) -> tuple:
   """The compile-only devices of a TPU topology such as "v5e:2x2"."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   check_environment()
+  # libtpu takes /tmp/libtpu_lockfile so that one process owns the TPU; a
+  # compile-only topology owns nothing, and parallel test workers (or two
+  # users of one machine) would otherwise fail with "Internal error when
+  # accessing libtpu multi-process lockfile". Read when libtpu loads.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return tuple(topologies.get_topology_desc(topology_name=name,
                                               platform="tpu").devices)
@@ -140,7 +147,7 @@ def _kernel_fn(kernel: str, problem: Problem, blocks: TpuBlockSizes):
       return forward(qp, kp, vp, aux, st)
     b, h, q_pad, _ = qp.shape
     do = jnp.ones((b, h, q_pad, vp.shape[3]), qp.dtype)
-    rows = jnp.zeros((b, h, q_pad, LANES), jnp.float32)
+    rows = jnp.zeros((b, h, q_pad, ROW_LANES), jnp.float32)
     if kernel == "dq":
       return backward_dq(qp, kp, vp, do, rows, rows, aux, st)
     return backward_dkv(qp, kp, vp, do, rows, rows, aux, st)

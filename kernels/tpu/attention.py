@@ -50,7 +50,7 @@ from fusedlm.kernels.tpu import tiles
 from fusedlm.kernels.tpu.backward import backward_dkv, backward_dq
 from fusedlm.kernels.tpu.block_sizes import (
   DEFAULT_SCOPED_VMEM,
-  LANES,
+  ROW_LANES,
   SUBLANES,
   TpuBlockSizes,
   clamp,
@@ -84,7 +84,7 @@ def compiles_for_tpu() -> bool:
 class _Aux:
   """The call's non-q/k/v arrays (a pytree: residuals of the VJP).
 
-  q_ids [b, q_pad, LANES], kv_ids [b, SUBLANES, kv_pad] int32 (segments);
+  q_ids [b, q_pad, ROW_LANES], kv_ids [b, SUBLANES, kv_pad] int32 (segments);
   the block ranges of each kernel (flat int32, `tiles`); bias [b|1, h|1,
   q_pad, kv_pad] (its input dtype); mask, same shape, int8; seed [2] int32.
   """
@@ -106,7 +106,8 @@ jax.tree_util.register_pytree_node(
 
 
 def _lse_out(lse):
-  """The kernels' lane-broadcast L (+inf: no key) as [b, h, q] (-inf: no key)."""
+  """The kernels' L [b, h, q_pad, ROW_LANES] (+inf: no key) as [b, h, q_pad]
+  (-inf: no key)."""
   lse = lse[..., 0]
   return jnp.where(lse == jnp.inf, -jnp.inf, lse)
 
@@ -131,7 +132,7 @@ def _attention_bwd(st: TpuStatic, residuals, cotangent):
   if dlse is not None:
     # d lse_i / d x_ij = P_ij, so dS = P (dP - D) + P dlse = P (dP - (D - dlse)).
     delta = delta - dlse
-  delta = jnp.broadcast_to(delta[..., None], delta.shape + (LANES,))
+  delta = jnp.broadcast_to(delta[..., None], delta.shape + (ROW_LANES,))
   do = do.astype(q.dtype)
   dq, dbias = backward_dq(q, k, v, do, lse, delta, aux, st)
   dk, dv = backward_dkv(q, k, v, do, lse, delta, aux, st)
@@ -280,7 +281,7 @@ def prepare(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
   if segments is not None:
     segments = (pad_axis(segments[0], 1, q_pad),
                 pad_axis(segments[1], 1, kv_pad, value=masking.PAD_SEGMENT))
-    q_ids = jnp.broadcast_to(segments[0][:, :, None], (shape.batch, q_pad, LANES))
+    q_ids = jnp.broadcast_to(segments[0][:, :, None], (shape.batch, q_pad, ROW_LANES))
     kv_ids = jnp.broadcast_to(segments[1][:, None, :],
                               (shape.batch, SUBLANES, kv_pad))
   ranges = [

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from fusedlm.kernels.tpu import tiles
-from fusedlm.kernels.tpu.block_sizes import LANES
+from fusedlm.kernels.tpu.block_sizes import ROW_LANES
 from fusedlm.kernels.tpu.launch import (
   compiler_params,
   cost,
@@ -58,7 +58,7 @@ def _ds(q, k, v, do, lse, delta, q_start, k_start, named, keep, masked: bool,
 
 def backward_dq(q, k, v, do, lse, delta, aux, st: TpuStatic):
   """dQ [b, h, q_pad, d] (q.dtype) and, with a bias, dS [b, h, q_pad, kv_pad]
-  float32 (else None). lse, delta: [b, h, q_pad, LANES] float32."""
+  float32 (else None). lse, delta: [b, h, q_pad, ROW_LANES] float32."""
   b, h, q_pad, d = q.shape
   kv_pad, dv = k.shape[2], v.shape[3]
   block_q, block_k = st.tiles[1]
@@ -74,7 +74,7 @@ def backward_dq(q, k, v, do, lse, delta, aux, st: TpuStatic):
   keys = lambda width: pl.BlockSpec(
       (None, None, block_k, width),
       lambda bi, hi, i, j, r: (bi, tiles.div(hi, group), k_block_of(bi, hi, i, j, r), 0))
-  in_specs = [rows(d), keys(d), keys(dv), rows(dv), rows(LANES), rows(LANES)]
+  in_specs = [rows(d), keys(d), keys(dv), rows(dv), rows(ROW_LANES), rows(ROW_LANES)]
   specs, arrays = optional_specs(aux, st, block_q, block_k,
                                  lambda bi, hi, i, j, r: hi,
                                  lambda bi, hi, i, j, r: i, k_block_of)
@@ -159,7 +159,7 @@ def backward_dkv(q, k, v, do, lse, delta, aux, st: TpuStatic):
       lambda *a: (a[0], head_of(*a), q_block_of(*a), 0))
   keys = lambda width: pl.BlockSpec((None, None, block_k, width),
                                     lambda bi, hk, j, t, r: (bi, hk, j, 0))
-  in_specs = [rows(d), keys(d), keys(dv), rows(dv), rows(LANES), rows(LANES)]
+  in_specs = [rows(d), keys(d), keys(dv), rows(dv), rows(ROW_LANES), rows(ROW_LANES)]
   specs, arrays = optional_specs(aux, st, block_q, block_k, head_of, q_block_of,
                                  lambda bi, hk, j, t, r: j)
 

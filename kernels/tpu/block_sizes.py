@@ -20,6 +20,11 @@ from fusedlm.kernels.tiling import is_power_of_two
 
 LANES = 128  # vector register width, and the MXU's side
 SUBLANES = 8
+# Per-row vectors in HBM (the log-sum-exp L, D = rowsum(dO O), query segment
+# ids) are stored [rows, ROW_LANES], the value repeated: a block's last dim
+# must be 128 or the array's own, and 8 copies instead of 128 make these
+# residuals 16x smaller (VMEM still pads the tile to 128 lanes).
+ROW_LANES = 8
 MIN_BLOCK = 8  # any tile, interpreted
 MIN_BLOCK_Q_COMPILED = 32
 MIN_BLOCK_K_COMPILED = LANES
@@ -110,7 +115,7 @@ def vmem_bytes(block_q: int, block_k: int, head_dim: int, v_head_dim: int,
   k_tile = block_k * head_dim * itemsize
   v_tile = block_k * v_head_dim * itemsize
   o_tile = block_q * v_head_dim * itemsize
-  stats = block_q * LANES * 4
+  stats = block_q * LANES * 4  # a [block_q, ROW_LANES] tile, padded in VMEM
   scores = block_q * block_k * 4
   if kernel == "forward":
     blocks = q_tile + k_tile + v_tile + o_tile + stats

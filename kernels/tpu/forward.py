@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from fusedlm.kernels.tpu import tiles
-from fusedlm.kernels.tpu.block_sizes import LANES
+from fusedlm.kernels.tpu.block_sizes import LANES, ROW_LANES
 from fusedlm.kernels.tpu.launch import (
   compiler_params,
   cost,
@@ -30,7 +30,7 @@ from fusedlm.kernels.tpu.tiles import TpuStatic
 
 
 def forward(q, k, v, aux, st: TpuStatic):
-  """out [b, h, q_pad, dv] (q.dtype) and L [b, h, q_pad, LANES] float32
+  """out [b, h, q_pad, dv] (q.dtype) and L [b, h, q_pad, ROW_LANES] float32
   (natural log, lane-broadcast, +inf on a row that sees no key) from the
   padded, head-major inputs q [b, h, q_pad, d], k, v [b, hkv, kv_pad, d|dv]."""
   b, h, q_pad, d = q.shape
@@ -104,7 +104,7 @@ def forward(q, k, v, aux, st: TpuStatic):
       safe = jnp.where(empty, 1.0, l)
       o_ref[...] = (acc_ref[...] / safe).astype(o_ref.dtype)
       lse = jnp.where(empty, jnp.inf, tiles.column(m_ref[...]) + jnp.log(safe))
-      lse_ref[...] = tiles.lanes(lse, LANES)
+      lse_ref[...] = tiles.lanes(lse, ROW_LANES)
 
   row_spec = lambda width: pl.BlockSpec(
       (None, None, block_q, width), lambda bi, hi, i, j, r: (bi, hi, i, 0))
@@ -114,13 +114,13 @@ def forward(q, k, v, aux, st: TpuStatic):
           num_scalar_prefetch=1,
           grid=(b, h, nq, nk),
           in_specs=in_specs + specs,
-          out_specs=[row_spec(dv), row_spec(LANES)],
+          out_specs=[row_spec(dv), row_spec(ROW_LANES)],
           scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32),
                           pltpu.VMEM((block_q, LANES), jnp.float32),
                           pltpu.VMEM((block_q, dv), jnp.float32)],
       ),
       out_shape=[jax.ShapeDtypeStruct((b, h, q_pad, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, q_pad, LANES), jnp.float32)],
+                 jax.ShapeDtypeStruct((b, h, q_pad, ROW_LANES), jnp.float32)],
       compiler_params=compiler_params(st),
       cost_estimate=cost(b, h, q_pad, kv_pad, d, dv, q.dtype.itemsize, st, 2),
       interpret=interpret_mode(st),

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from fusedlm.kernels.tpu import tiles
-from fusedlm.kernels.tpu.block_sizes import LANES, SUBLANES
+from fusedlm.kernels.tpu.block_sizes import ROW_LANES, SUBLANES
 from fusedlm.kernels.tpu.tiles import TpuStatic
 
 
@@ -55,7 +55,7 @@ def optional_specs(aux, st: TpuStatic, block_q: int, block_k: int, head_of,
   specs, arrays = [], []
   if st.has_segments:
     specs.append(pl.BlockSpec(
-        (None, block_q, LANES), lambda *a: (a[0], q_block_of(*a), 0)))
+        (None, block_q, ROW_LANES), lambda *a: (a[0], q_block_of(*a), 0)))
     specs.append(pl.BlockSpec(
         (None, SUBLANES, block_k), lambda *a: (a[0], 0, k_block_of(*a))))
     arrays += [aux.q_ids, aux.kv_ids]

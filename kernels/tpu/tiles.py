@@ -15,9 +15,10 @@ pay for the [block_q, block_k] iotas and `where` (`needs_mask`).
 
 Score tiles are [block_q, block_k] (queries on sublanes, keys on lanes) in
 every kernel; row statistics (m, l, the log-sum-exp L, D = rowsum(dO O)) are
-kept lane-broadcast, [rows, LANES], and read as [rows, 1] columns, as the
-vector unit wants them. Segment ids arrive lane-broadcast for queries
-([rows, LANES]) and sublane-broadcast for keys ([SUBLANES, keys]).
+kept lane-broadcast ([rows, LANES] in VMEM scratch, [rows, ROW_LANES] in HBM)
+and read as [rows, 1] columns, as the vector unit wants them. Segment ids
+arrive lane-broadcast for queries ([rows, ROW_LANES]) and sublane-broadcast
+for keys ([SUBLANES, keys]).
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def dropout_tile(seed_ref, batch, head, q_start, k_start, shape, st: TpuStatic):
 
 
 def column(x):
-  """The first lane of a lane-broadcast [rows, LANES] statistic: [rows, 1]."""
+  """The first lane of a lane-broadcast [rows, lanes] statistic: [rows, 1]."""
   return x[:, :1]
 
 

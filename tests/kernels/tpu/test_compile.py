@@ -105,14 +105,19 @@ def test_every_variant_compiles_forward_and_backward(topology):
     assert found == (), found
 
 
-def test_float32_gqa_head_dim_64_compiles():
+@pytest.mark.parametrize("dtype, head_dim, v_head_dim", [
+    (jnp.float32, 64, 64),  # float32 at full precision on the MXU
+    (jnp.bfloat16, 80, 48),  # head dims off the 128 lanes, unpadded
+])
+def test_other_dtypes_and_head_dims_compile(dtype, head_dim, v_head_dim):
   device = tpu_compile.topology_devices("v5e:2x2")[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
-  q = jax.ShapeDtypeStruct((2, 513, 8, 64), jnp.float32, sharding=sharding)
-  kv = jax.ShapeDtypeStruct((2, 513, 2, 64), jnp.float32, sharding=sharding)
+  q = jax.ShapeDtypeStruct((2, 513, 8, head_dim), dtype, sharding=sharding)
+  k = jax.ShapeDtypeStruct((2, 513, 2, head_dim), dtype, sharding=sharding)
+  v = jax.ShapeDtypeStruct((2, 513, 2, v_head_dim), dtype, sharding=sharding)
   grad = jax.grad(lambda q, k, v: tpu_attention_any_device(
-      q, k, v, causal=True).sum(), argnums=(0, 1, 2))
-  _, found = tpu_compile.compile_with_warnings(grad, q, kv, kv)
+      q, k, v, causal=True).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  _, found = tpu_compile.compile_with_warnings(grad, q, k, v)
   assert found == (), found
 
 

@@ -97,9 +97,8 @@ needs_libtpu = pytest.mark.skipif(
 
 @needs_libtpu
 def test_train_step_compiles_for_a_tpu_topology():
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  devices = topologies.get_topology_desc(topology_name="v5e:2x2",
-                                         platform="tpu").devices
+  from fusedlm.kernels.bench import tpu_compile  # pylint: disable=import-outside-toplevel
+  devices = tpu_compile.topology_devices("v5e:2x2")
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   P = jax.sharding.PartitionSpec
   cfg = _config("tpu").replace(dtype="bfloat16", max_len=256)
