@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import pallas as pl
 
 from fusedlm.kernels import masking, variants
 from fusedlm.kernels.tpu.block_sizes import TpuBlockSizes

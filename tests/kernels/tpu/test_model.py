@@ -1,4 +1,4 @@
-"""A tiny decoder with attention="tpu": it trains like attention="xla", and its train step compiles for a TPU.
+"""A tiny decoder with attention="tpu" trains like "xla"; its train step compiles for a TPU.
 
 The model is the kernel's client (research/ uses kernels/, never the
 reverse); the test lives here so that CI's second pass, which runs
