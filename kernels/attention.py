@@ -10,7 +10,10 @@ and the masks of `kernels.masking`, and dispatches to
   * "mosaic": the Hopper kernel of `kernels.mosaic.attention` (Pallas' Mosaic
     GPU backend: wgmma, TMA, warp specialisation; compute capability 9.x,
     run by Mosaic GPU's interpreter elsewhere with JAX >= 0.11);
-  * "auto": "pallas" on GPU, "xla" on every other backend. It does not pick
+  * "tpu": the TPU kernel of `kernels.tpu.attention` (Pallas' Mosaic TPU
+    backend: MXU tiles, VMEM scratch, scalar-prefetched block skipping; run
+    by Pallas' TPU interpreter off TPU); it takes every variant;
+  * "auto": "pallas" on GPU, "tpu" on TPU, "xla" elsewhere. It does not pick
     "mosaic" on Hopper until that kernel is measured faster there than the
     Triton one (BENCHMARKS.md).
 
@@ -28,10 +31,11 @@ import jax.numpy as jnp
 from fusedlm.kernels.cudnn import cudnn_attention
 from fusedlm.kernels.mosaic.attention import MosaicBlockSizes, mosaic_attention
 from fusedlm.kernels.reference import reference_attention
+from fusedlm.kernels.tpu.attention import TpuBlockSizes, compiles_for_tpu, tpu_attention
 from fusedlm.kernels.triton.attention import BlockSizes, flash_attention
 
-Implementation = Literal["auto", "pallas", "xla", "cudnn", "mosaic"]
-IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn", "mosaic")
+Implementation = Literal["auto", "pallas", "xla", "cudnn", "mosaic", "tpu"]
+IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn", "mosaic", "tpu")
 
 
 def resolve_implementation(implementation: str) -> str:
@@ -42,6 +46,8 @@ def resolve_implementation(implementation: str) -> str:
         f" {', '.join(IMPLEMENTATIONS)}."
     )
   if implementation == "auto":
+    if jax.default_backend() == "tpu":
+      return "tpu"
     return "pallas" if jax.default_backend() == "gpu" else "xla"
   return implementation
 
@@ -65,7 +71,7 @@ def dot_product_attention(
     dropout_rng=None,
     return_lse: bool = False,
     implementation: Implementation = "auto",
-    block_sizes: BlockSizes | MosaicBlockSizes | None = None,
+    block_sizes: BlockSizes | MosaicBlockSizes | TpuBlockSizes | None = None,
     interpret: bool | None = None,
 ):  # out [batch, q_len, num_heads, v_head_dim], q.dtype; with return_lse
     # also lse [batch, num_heads, q_len] float32
@@ -98,11 +104,13 @@ def dot_product_attention(
     return_lse: also return the rows' log-sum-exp (natural log; -inf on a
       row that sees no key), differentiable, so that attention over chunks
       of keys can be combined exactly.
-    implementation: "auto", "pallas", "xla", "cudnn" or "mosaic".
-    block_sizes: tiles of the Pallas kernel, a `BlockSizes` ("pallas") or a
-      `MosaicBlockSizes` ("mosaic"); default: the kernel's table.
+    implementation: "auto", "pallas", "xla", "cudnn", "mosaic" or "tpu".
+    block_sizes: tiles of the Pallas kernel, a `BlockSizes` ("pallas"), a
+      `MosaicBlockSizes` ("mosaic") or a `TpuBlockSizes` ("tpu"); default:
+      the kernel's table.
     interpret: run the Pallas kernel in the interpreter; default: on any
-      backend but GPU. "mosaic" also takes Mosaic GPU's InterpretGPUParams.
+      backend but GPU ("pallas") or TPU ("tpu"). "mosaic" also takes Mosaic
+      GPU's InterpretGPUParams.
 
   The semantics of every argument: `kernels.masking` and `kernels.variants`.
   """
@@ -138,12 +146,21 @@ def dot_product_attention(
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **variant_args,
         block_sizes=block_sizes, interpret=interpret,
     )
+  if implementation == "tpu":
+    if interpret is None:
+      interpret = not compiles_for_tpu()
+    return tpu_attention(
+        q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **variant_args,
+        block_sizes=block_sizes, interpret=interpret,
+    )
   given = [name for name, value in variant_args.items()
            if (value is not None if _PLAIN[name] is None else value != _PLAIN[name])]
   if given:
     raise ValueError(
         f"implementation={implementation!r} is not wired for"
-        f" {', '.join(given)}; use 'pallas' or 'xla', which take every variant.")
+        f" {', '.join(given)}; use 'pallas', 'tpu' or 'xla', which take every"
+        " variant.")
   if implementation == "mosaic":
     if interpret is None and jax.default_backend() != "gpu":
       raise ValueError(

@@ -47,12 +47,14 @@ COMMANDS = {
     "bench-attention": Command("fusedlm.kernels.bench.benchmark",
                                "time the attention kernels against XLA and cuDNN"),
 }
-# `fusedlm inspect <backend>`: compile the kernels for an H100 on any machine.
+# `fusedlm inspect <backend>`: compile the kernels for an H100 or a TPU on any machine.
 INSPECT = {
     "mosaic": Command("fusedlm.kernels.bench.mosaic_compile",
                       "the Hopper kernels (JAX >= 0.11, CUDA plugin, ptxas)"),
     "triton": Command("fusedlm.kernels.bench.triton_compile",
                       "the Triton kernels (jaxlib 0.10.2's IR, triton 3.8.0)"),
+    "tpu": Command("fusedlm.kernels.bench.tpu_compile",
+                   "the TPU kernels for TPU topologies (JAX >= 0.11, libtpu)"),
 }
 
 
@@ -61,7 +63,7 @@ def usage() -> str:
   lines = ["usage: fusedlm <command> [--flag=value ...]    (fusedlm <command> --help)", "",
            "commands:"]
   lines += [f"  {name:<{width}}{command.summary}" for name, command in COMMANDS.items()]
-  lines.append(f"  {'inspect':<{width}}compile the kernels for an H100 without one:"
+  lines.append(f"  {'inspect':<{width}}compile the kernels for an H100 or a TPU without one:"
                f" {' | '.join(INSPECT)}")
   return "\n".join(lines)
 

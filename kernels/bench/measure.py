@@ -32,7 +32,7 @@ import numpy as np
 from fusedlm.kernels.attention import dot_product_attention
 from fusedlm.kernels.reference import reference_attention
 
-IMPLEMENTATIONS = ("pallas", "mosaic", "xla", "cudnn", "jax-triton")
+IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla", "cudnn", "jax-triton")
 PASSES = ("fwd", "fwd+bwd")
 BWD_FLOP_FACTOR = 3.5  # fwd+bwd = 2.5 backward matmul passes + 1 forward.
 FLOP_FORMULA = (
@@ -76,17 +76,24 @@ def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+def on_tpu() -> bool:
+  return jax.default_backend() == "tpu"
+
+
 def label(implementation: str) -> str:
-  """Row name; Pallas kernels off GPU run in the interpreter and say so."""
-  interpreted = implementation in ("pallas", "jax-triton") and not on_gpu()
+  """Row name; Pallas kernels off their device run in the interpreter and say so."""
+  interpreted = ((implementation in ("pallas", "jax-triton") and not on_gpu())
+                 or (implementation == "tpu" and not on_tpu()))
   return f"{implementation} (interpret)" if interpreted else implementation
 
 
 def attention_fn(implementation: str, causal: bool):
   """f(q, k, v) -> out for one implementation; ValueError if unavailable."""
   interpret = not on_gpu()
-  if implementation in ("pallas", "mosaic", "xla", "cudnn"):
+  if implementation in ("pallas", "mosaic", "tpu", "xla", "cudnn"):
     extra = {"interpret": interpret} if implementation == "pallas" else {}
+    if implementation == "tpu":
+      extra = {"interpret": not on_tpu()}
     return lambda q, k, v: dot_product_attention(
         q, k, v, causal=causal, implementation=implementation, **extra)
   if implementation == "jax-triton":

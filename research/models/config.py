@@ -90,8 +90,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Rematerialise each block's activations in the backward pass (saves memory).
   remat: bool = False
-  # Attention implementation: "auto" (pallas on GPU, xla elsewhere), "pallas",
-  # "xla", "cudnn" or "mosaic" (Hopper; bfloat16/float16); see kernels.attention.
+  # Attention implementation: "auto" (pallas on GPU, tpu on TPU, xla elsewhere),
+  # "pallas", "xla", "cudnn", "mosaic" (Hopper; bfloat16/float16) or "tpu"
+  # (bfloat16/float32); see kernels.attention.
   attention: str = "auto"
   # Classes of the sequence-classification head; 0 = no head. The encoder pools
   # the first token, the decoder the last real one.
@@ -237,6 +238,9 @@ def _validate(cfg: ModelConfig):
       ("sliding_window", cfg.sliding_window > 0),
       ("attention_soft_cap", cfg.attention_soft_cap > 0.0),
       ("position='relative'", cfg.position == "relative")) if on]
+  if cfg.attention == "tpu" and cfg.dtype == "float16":
+    raise ValueError("attention='tpu' takes dtype bfloat16 or float32 (TPUs have"
+                     " no float16 arithmetic).")
   if cfg.attention in ("cudnn", "mosaic") and variants:
     raise ValueError(
         f"attention={cfg.attention!r} does not take {', '.join(variants)}; use"

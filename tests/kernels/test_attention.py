@@ -19,7 +19,7 @@ K = jnp.ones((2, 8, 2, 32))
 
 
 def test_auto_picks_the_kernel_on_gpu_and_xla_elsewhere():
-  expected = "pallas" if jax.default_backend() == "gpu" else "xla"
+  expected = {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "xla")
   assert resolve_implementation("auto") == expected
 
 
