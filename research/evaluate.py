@@ -10,7 +10,8 @@ parameters are restored, on as many devices as this machine has (or
 --num_devices). The metrics (research.training.eval_loop says which) are
 printed and written as JSON to --output, by default
 DIR/eval/step_<N>[-<data>].json; a seq2seq run's hypotheses go beside it, one
-a line, in step_<N>.hypotheses.txt.
+a line, in step_<N>.hypotheses.txt. The output also names the attention
+implementation each layer resolved to ("auto" per call), and why.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def format_metrics(result: dict) -> str:
   lines = [f"{result['workdir']} step {result['step']} ({objective.name}) on"
            f" {result['data']}: {m['batches']} batches, {m['tokens']:.0f}"
            f" {objective.count_unit}"]
+  lines += result.get("attention", [])
   for key in objective.report_keys:
     if key in m:
       lines.append(f"  {key:<13}{m[key]:.4f}")
