@@ -46,6 +46,9 @@ COMMANDS = {
     "plot": Command("fusedlm.research.plot", "loss and metric curves of a run, as PNG"),
     "bench-attention": Command("fusedlm.kernels.bench.benchmark",
                                "time the attention kernels against XLA and cuDNN"),
+    "bench-train": Command("fusedlm.research.bench_train",
+                           "training throughput per attention implementation vs a"
+                           " plain Flax step"),
 }
 # `fusedlm inspect <backend>`: compile the kernels for an H100 or a TPU on any machine.
 INSPECT = {

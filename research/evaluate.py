@@ -15,7 +15,8 @@ DIR/eval/step_<N>[-<data>].json; a seq2seq run's hypotheses go beside it, one
 a line, in step_<N>.hypotheses.txt, and a QA run's answers in the official
 SQuAD predictions.json format in step_<N>.predictions.json (with
 step_<N>.null_odds.json for SQuAD 2.0 data, the official script's
---na-prob-file).
+--na-prob-file). The output also names the attention implementation each
+layer resolved to ("auto" per call), and why.
 """
 
 from __future__ import annotations

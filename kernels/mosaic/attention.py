@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fusedlm.kernels import masking
+from fusedlm.kernels import masking, target
 from fusedlm.kernels.mosaic.backward import backward_dkv, backward_dq
 from fusedlm.kernels.mosaic.forward import forward
 from fusedlm.kernels.mosaic.tiles import (
@@ -75,14 +75,35 @@ MIN_JAX = (0, 11)
 # The differentiable op and its entry point.
 
 
+def _varying_like(x, *like):
+  """x, typed as varying over every manual mesh axis that one of `like` varies over.
+
+  Pallas traces a kernel with JAX's varying-manual-axes check off, so under
+  `jax.shard_map` (check_vma) the kernels' outputs carry none of their
+  inputs' axes; a custom VJP must return outputs and cotangents typed like
+  its arguments. Outside shard_map (jit, pmap) there are no such axes.
+  """
+  axes = set()
+  for y in jax.tree.leaves(like):
+    axes |= _varying_axes(y)
+  missing = tuple(axes - _varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying_axes(x) -> frozenset:
+  mat = getattr(jax.typeof(x), "mat", None)  # JAX's ManualAxisType
+  return frozenset(getattr(mat, "varying", ()))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, segments, st: MosaicStatic):
-  return forward(q, k, v, segments, st)[0]
+  return _varying_like(forward(q, k, v, segments, st)[0], q, k, v, segments)
 
 
 def _attention_fwd(q, k, v, segments, st: MosaicStatic):
   out, lse = forward(q, k, v, segments, st)
-  return out, (q, k, v, segments, out, lse)
+  out = _varying_like(out, q, k, v, segments)
+  return out, (q, k, v, segments, out, _varying_like(lse, out))
 
 
 def _attention_bwd(st: MosaicStatic, residuals, do):
@@ -92,7 +113,8 @@ def _attention_bwd(st: MosaicStatic, residuals, do):
                      out.astype(jnp.float32))
   dq = backward_dq(q, k, v, segments, do, lse, delta, st)
   dk, dv = backward_dkv(q, k, v, segments, do, lse, delta, st)
-  return dq, dk, dv, None
+  return (_varying_like(dq, q), _varying_like(dk, k), _varying_like(dv, v),
+          None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -116,21 +138,24 @@ def _interpret_params(interpret):
   return interpret
 
 
-def _check_device():
+def check_device():
+  """ValueError unless the compiled kernels can run here: JAX >= 0.11 and a
+  GPU of compute capability 9.x (`kernels.target.current_device()`)."""
+  device = target.current_device()
+  way_out = ("use implementation='auto', 'pallas' or 'xla' (or interpret=True:"
+             " Mosaic GPU's interpreter, JAX >= 0.11)")
+  if not target.is_gpu(device):
+    raise ValueError(
+        "implementation='mosaic' runs on Hopper GPUs (sm_90a); this is a"
+        f" {target.describe(device)}: {way_out}.")
+  if not target.is_hopper(device):
+    raise ValueError(
+        "implementation='mosaic' uses Hopper's wgmma and TMA (compute"
+        f" capability 9.x); this is a {target.describe(device)}: use"
+        " implementation='auto' or 'pallas'.")
   if jax.__version_info__ < MIN_JAX:
     raise ValueError(
         f"implementation='mosaic' needs JAX >= 0.11, this is {jax.__version__}.")
-  if jax.default_backend() != "gpu":
-    raise ValueError(
-        "implementation='mosaic' compiles for Hopper GPUs (sm_90a) only; the"
-        f" default backend is {jax.default_backend()!r}: pass interpret=True"
-        " or use implementation='pallas' / 'xla'.")
-  capability = getattr(jax.devices()[0], "compute_capability", "")
-  if not str(capability).startswith("9."):
-    raise ValueError(
-        "implementation='mosaic' uses Hopper's wgmma and TMA (compute"
-        f" capability 9.x); this GPU has {capability or 'unknown'}: use"
-        " implementation='pallas'.")
 
 
 @functools.partial(
@@ -157,7 +182,7 @@ def mosaic_attention(
   compute-capability-9.x GPU.
   """
   if interpret is False or interpret is None:
-    _check_device()
+    check_device()
   return mosaic_attention_any_device(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,

@@ -15,9 +15,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fusedlm.kernels.mosaic.tiles import (
+  BATCH_AXIS,
   COMPUTE_WARPGROUPS,
   CONSUMER_REGISTERS,
+  HEAD_AXIS,
+  KV_AXIS,
   PRODUCER_REGISTERS,
+  Q_AXIS,
+  WARPGROUP_AXIS,
   MosaicStatic,
   hide,
   kv_steps,
@@ -48,10 +53,10 @@ def backward_dq(q, k, v, segments, do, lse, delta, st: MosaicStatic):
     (q_smem, do_smem, lse_smem, delta_smem, qseg_smem, k_smem, v_smem,
      kvseg_smem) = scratch
     rows_loaded, kv_loaded, consumed = barriers
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
-    wg = lax.axis_index("wg")
-    cta_first = lax.axis_index("q_seq") * (wgs * bq)
+    batch = lax.axis_index(BATCH_AXIS)
+    head = lax.axis_index(HEAD_AXIS)
+    wg = lax.axis_index(WARPGROUP_AXIS)
+    cta_first = lax.axis_index(Q_AXIS) * (wgs * bq)
     steps, unmasked = kv_steps(st, cta_first, wgs * bq, bkv)
 
     @pl.when(wg < wgs)
@@ -155,7 +160,7 @@ def backward_dq(q, k, v, segments, do, lse, delta, st: MosaicStatic):
       kernel, st, name="fusedlm_mosaic_bwd_dq",
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=(scratch, barriers),
-      grid=(h, q_pad // (wgs * bq), b), grid_names=("heads", "q_seq", "batch"),
+      grid=(h, q_pad // (wgs * bq), b), grid_names=(HEAD_AXIS, Q_AXIS, BATCH_AXIS),
   )(*args)
 
 
@@ -180,10 +185,10 @@ def backward_dkv(q, k, v, segments, do, lse, delta, st: MosaicStatic):
     (k_smem, v_smem, kvseg_smem, q_ring, do_ring, lse_ring, delta_ring,
      qseg_ring) = scratch
     keys_loaded, rows_loaded, consumed = barriers
-    batch = lax.axis_index("batch")
-    kv_head = lax.axis_index("heads")
-    wg = lax.axis_index("wg")
-    cta_first = lax.axis_index("kv_seq") * (wgs * bkv)
+    batch = lax.axis_index(BATCH_AXIS)
+    kv_head = lax.axis_index(HEAD_AXIS)
+    wg = lax.axis_index(WARPGROUP_AXIS)
+    cta_first = lax.axis_index(KV_AXIS) * (wgs * bkv)
     first, unmasked_from, end = q_steps(st, cta_first, wgs * bkv, bq)
     per_head = end - first
     steps = st.group * per_head
@@ -307,5 +312,5 @@ def backward_dkv(q, k, v, segments, do, lse, delta, st: MosaicStatic):
       kernel, st, name="fusedlm_mosaic_bwd_dkv",
       out_type=(kv_shape, kv_shape),
       scratch_types=(scratch, barriers),
-      grid=(hkv, kv_pad // (wgs * bkv), b), grid_names=("heads", "kv_seq", "batch"),
+      grid=(hkv, kv_pad // (wgs * bkv), b), grid_names=(HEAD_AXIS, KV_AXIS, BATCH_AXIS),
   )(*args)

@@ -14,9 +14,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fusedlm.kernels.mosaic.tiles import (
+  BATCH_AXIS,
   COMPUTE_WARPGROUPS,
   CONSUMER_REGISTERS,
+  HEAD_AXIS,
   PRODUCER_REGISTERS,
+  Q_AXIS,
+  WARPGROUP_AXIS,
   MosaicStatic,
   hide,
   kv_steps,
@@ -46,10 +50,10 @@ def forward(q, k, v, segments, st: MosaicStatic):
     qo_smem, k_smem, v_smem, lse_smem, qseg_smem, kvseg_smem = scratch
     (q_loaded, k_loaded, v_loaded, seg_loaded, k_consumed, v_consumed,
      schedule) = barriers
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
-    wg = lax.axis_index("wg")
-    cta_first = lax.axis_index("q_seq") * (wgs * bq)
+    batch = lax.axis_index(BATCH_AXIS)
+    head = lax.axis_index(HEAD_AXIS)
+    wg = lax.axis_index(WARPGROUP_AXIS)
+    cta_first = lax.axis_index(Q_AXIS) * (wgs * bq)
     steps, unmasked = kv_steps(st, cta_first, wgs * bq, bkv)
 
     def sync_turn():
@@ -187,5 +191,5 @@ def forward(q, k, v, segments, st: MosaicStatic):
       out_type=(jax.ShapeDtypeStruct((b, q_pad, h, d), dtype),
                 jax.ShapeDtypeStruct((b, h, q_pad), jnp.float32)),
       scratch_types=(scratch, barriers),
-      grid=(h, q_pad // (wgs * bq), b), grid_names=("heads", "q_seq", "batch"),
+      grid=(h, q_pad // (wgs * bq), b), grid_names=(HEAD_AXIS, Q_AXIS, BATCH_AXIS),
   )(*args)

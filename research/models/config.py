@@ -90,9 +90,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Rematerialise each block's activations in the backward pass (saves memory).
   remat: bool = False
-  # Attention implementation: "auto" (pallas on GPU, tpu on TPU, xla elsewhere),
-  # "pallas", "xla", "cudnn", "mosaic" (Hopper; bfloat16/float16) or "tpu"
-  # (bfloat16/float32); see kernels.attention.
+  # Attention implementation: "auto" (per call: mosaic on a Hopper GPU where
+  # the kernel takes the call, pallas on other GPUs and for the rest, tpu on a
+  # TPU, xla elsewhere), "pallas", "xla", "cudnn", "mosaic" (Hopper;
+  # bfloat16/float16) or "tpu" (bfloat16/float32); see kernels.attention. The
+  # commands name what each layer resolved to.
   attention: str = "auto"
   # Classes of the sequence-classification head; 0 = no head. The encoder pools
   # the first token, the decoder the last real one.

@@ -54,13 +54,16 @@ def _load_config(f: flags.FlagValues) -> None:
     raise ValueError(config_error(e)) from e
 
 
-def define_config_flag(fv: flags.FlagValues, help_text: str) -> None:
+def define_config_flag(fv: flags.FlagValues, help_text: str,
+                       default: str | None = None) -> None:
   """--config: an experiment file, `path.py` or `path.py:runlocal`, locked so that
-  a `--config.x=...` typo is an error rather than a new field."""
+  a `--config.x=...` typo is an error rather than a new field; required
+  unless a default file is given."""
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv,
+  config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv,
                                   lock_config=True)
-  flags.mark_flag_as_required("config", flag_values=fv)
+  if default is None:
+    flags.mark_flag_as_required("config", flag_values=fv)
 
 
 def config_error(error: Exception) -> str:
@@ -173,4 +176,5 @@ def format_evaluation(result: dict) -> str:
   m = result["metrics"]
   return (f"{result['workdir']} step {result['step']} ({result['objective']}) on"
           f" {result['data']}, {m['batches']} batches:\n  "
-          + eval_loop.format_summary(m, result["objective"]))
+          + eval_loop.format_summary(m, result["objective"])
+          + "".join("\n" + line for line in result.get("attention", [])))

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from fusedlm.research import models, objectives
+from fusedlm.research.models import resolved_attention
 from fusedlm.research.runs import saved_run
 from fusedlm.research.runs.parallel import replicate, shard, unreplicate
 from fusedlm.research.training import steps
@@ -55,7 +56,9 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
     max_batches: evaluate only the first this many batches (default all).
 
   Returns:
-    {"workdir", "step", "objective", "data", "metrics": {...}}; classification
+    {"workdir", "step", "objective", "data", "devices", "batch_size",
+    "attention" (lines: what each attention layer resolved to, and why),
+    "metrics": {...}}; classification
     adds "label_names"; an objective with an extra evaluation adds "outputs"
     ({name: lines}, e.g. seq2seq's "hypotheses").
 
@@ -86,8 +89,11 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
   p_eval = steps.pmapped_eval_step(model, objective, devices)
   metrics = evaluate_batches(p_eval, replicate(params, devices),
                              batches.eval_batches(max_batches), len(devices))
+  attention = resolved_attention.for_batch(
+      run.model_cfg, objective, next(iter(batches.eval_batches(1))))
   result = {"workdir": str(run.workdir), "step": step, "objective": run.objective,
             "data": description, "devices": len(devices), "batch_size": batch_size,
+            "attention": resolved_attention.describe(attention, run.model_cfg),
             "metrics": metrics}
   if run.label_names is not None:
     result["label_names"] = list(run.label_names)

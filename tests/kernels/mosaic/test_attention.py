@@ -169,7 +169,8 @@ def test_compiled_mode_off_gpu_names_the_way_out():
 
 
 def test_variants_it_does_not_take_are_refused():
-  with pytest.raises(ValueError, match="'mosaic' is not wired for logits_soft_cap"):
+  with pytest.raises(ValueError, match="'mosaic' cannot run this call: mosaic does"
+                     " not take logits_soft_cap"):
     dot_product_attention(*_qkv(), logits_soft_cap=5.0, implementation="mosaic")
 
 

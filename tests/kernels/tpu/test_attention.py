@@ -20,6 +20,7 @@ from fusedlm.kernels import (
   dot_product_attention,
   reference_attention,
   resolve_implementation,
+  target_device,
   tpu_attention,
 )
 from tests.kernels.attention_cases import (
@@ -30,6 +31,7 @@ from tests.kernels.attention_cases import (
   output_and_grads,
   reference_output_and_grads,
 )
+from tests.kernels.stand_ins import CPU, TPU
 
 # Small tiles: short sequences span several blocks, so every range, skip,
 # clamp and tail is exercised (the compiled floors of 32 / 128 do not apply
@@ -150,11 +152,12 @@ def test_entry_point_dispatches_to_the_tpu_kernel():
                "output")
 
 
-def test_auto_picks_the_tpu_kernel_on_tpu_backends(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert resolve_implementation("auto") == "tpu"
-  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert resolve_implementation("auto") == "xla"
+def test_auto_picks_the_tpu_kernel_on_tpu_backends():
+  q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  with target_device(TPU):
+    assert resolve_implementation("auto", q, q, q) == "tpu"
+  with target_device(CPU):
+    assert resolve_implementation("auto", q, q, q) == "xla"
 
 
 # Argument checks: no kernel runs.

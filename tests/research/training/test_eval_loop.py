@@ -91,6 +91,11 @@ def test_command_line_writes_json_and_refuses_a_missing_step(trained_gpt):
   written = json.loads((trained_gpt / "eval" / "step_40.json").read_text())
   assert written["step"] == 40 and written["metrics"]["batches"] == 2
   assert "perplexity" in done.stdout
+  # The smoke config asks for "xla"; each of its 2 layers is named.
+  attention = ("  self-attention x2 (q_len 64, kv_len 64): xla (requested)"
+               " [transformer/layer_0/attention .. transformer/layer_1/attention]")
+  assert written["attention"][1:] == [attention]
+  assert attention in done.stdout.splitlines()
   bad = _cli("--workdir", str(trained_gpt), "--step", "3")
   assert bad.returncode == 2
   assert "no checkpoint at step 3" in bad.stderr and "Traceback" not in bad.stderr
