@@ -218,7 +218,8 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     print(banner.format_banner(
         workdir=workdir.absolute(), start=start, total=total, config=config,
         model_cfg=model_cfg, num_params=banner.parameter_count(host_state.params),
-        attention=banner.describe_attention(model_cfg), devices=devices,
+        attention=banner.describe_attention(model_cfg, objective, data.train.batch(start)),
+        devices=devices,
         objective=objective.name, tokenizer=data.tokenizer), file=sys.stderr, flush=True)
   state = replicate(host_state, devices)
   del host_state
