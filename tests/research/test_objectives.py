@@ -186,3 +186,32 @@ def test_span_loss_is_the_mean_of_start_and_end_cross_entropies_over_real_tokens
   np.testing.assert_allclose(sums["loss_sum"], sum(want), rtol=1e-5)
   np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)
   assert float(sums["count"]) == 2.0 and float(sums["correct"]) == 1.0
+
+
+@pytest.mark.parametrize("chunk", [5, 64])  # 5 divides no length here: a padded chunk
+def test_chunked_lm_loss_equals_the_plain_one_in_values_and_gradients(chunk):
+  from fusedlm.research import models
+  from fusedlm.research.models import config as model_config
+  cfg = model_config.tiny_gpt().replace(vocab_size=97, dtype="float32", attention="xla")
+  params = models.random_params(cfg, seed=0)
+  rng = np.random.RandomState(0)
+  inputs = rng.randint(0, 97, (3, 12)).astype(np.int32)
+  batch = {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1),
+           "loss_mask": (rng.rand(3, 12) > 0.2).astype(np.float32),
+           "weights": np.array([1.0, 1.0, 0.0], np.float32)}  # a padding row
+
+  def loss_and_sums(params, logits_chunk):
+    model = models.build_model(cfg.replace(logits_chunk=logits_chunk))
+    outputs = objectives.get("causal").outputs(model, {"params": params}, batch)
+    return objectives.causal_lm_loss(outputs, batch)
+
+  (plain, plain_sums), plain_grads = jax.value_and_grad(
+      lambda p: loss_and_sums(p, 0), has_aux=True)(params)
+  (chunked, chunked_sums), chunked_grads = jax.value_and_grad(
+      lambda p: loss_and_sums(p, chunk), has_aux=True)(params)
+  np.testing.assert_allclose(chunked, plain, rtol=1e-6)
+  for key in ("loss_sum", "correct", "count"):
+    np.testing.assert_allclose(chunked_sums[key], plain_sums[key], rtol=1e-6)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      chunked_grads, plain_grads)
