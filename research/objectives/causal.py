@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -48,14 +48,15 @@ def causal_lm_loss(
   return safe_mean(metrics["loss_sum"], metrics["count"]), metrics
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class ChunkedLogits:
-  """What the logits are made of, for a loss that computes them in chunks."""
+  """What the logits are made of, for a loss that computes them in chunks (a
+  pytree: the arrays are its leaves, so jit and eval_shape pass it through)."""
 
   hidden: jax.Array  # [batch, seq, hidden] compute dtype, after the final LN
   table: jax.Array  # [vocab, hidden]: logits = hidden @ table^T
-  chunk: int  # tokens a chunk
-  dtype: Any  # the output layer's matmul input dtype
+  chunk: int = flax.struct.field(pytree_node=False)  # tokens a chunk
+  dtype: Any = flax.struct.field(pytree_node=False)  # the output layer's matmul input dtype
 
 
 def outputs(model, variables, batch: dict, *, deterministic: bool = True, rngs=None):
