@@ -107,7 +107,7 @@ class Decoder(nn.Module):
   ):  # -> (hidden [batch, seq, hidden] compute dtype, table [vocab, hidden])
     """`__call__` without its output layer: the hidden states after the final LN
     and the tied output table, whose product is the logits. The chunked LM
-    loss (objectives.metrics.chunked_lm_cross_entropy) takes these, so that
+    loss (objectives.chunked_loss.chunked_lm_cross_entropy) takes these, so that
     the [batch, seq, vocab] logits never exist whole."""
     if positions is None:
       positions = default_positions(input_ids)

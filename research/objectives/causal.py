@@ -11,11 +11,11 @@ import jax.numpy as jnp
 
 from fusedlm.research import data as data_lib
 from fusedlm.research.data import run_data
+from fusedlm.research.objectives.chunked_loss import chunked_lm_cross_entropy
 from fusedlm.research.objectives.metrics import (
-    chunked_lm_cross_entropy,
-    row_weights,
-    safe_mean,
-    weighted_cross_entropy,
+  row_weights,
+  safe_mean,
+  weighted_cross_entropy,
 )
 from fusedlm.research.objectives.objective import Objective, pretraining_model_config
 

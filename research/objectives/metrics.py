@@ -46,46 +46,6 @@ def weighted_cross_entropy(
   }
 
 
-def chunked_lm_cross_entropy(
-    hidden,  # [..., features] the final hidden states, compute dtype
-    table,  # [vocab, features] the tied output layer (the token embedding)
-    labels,  # [...] int
-    weights,  # [...] float; 0 = ignore
-    *,
-    chunk: int,  # tokens a chunk
-    dtype,  # the matmul's input dtype (the model's compute dtype)
-) -> dict[str, jax.Array]:  # loss_sum, correct, count (float32 scalars)
-  """`weighted_cross_entropy` of the logits hidden @ table^T, `chunk` tokens at a time.
-
-  The logits of one chunk ([chunk, vocab] float32) are all that exists at
-  once: each chunk's output layer and loss are rematerialised in the backward
-  pass (jax.checkpoint inside a scan), so neither the [tokens, vocab] logits
-  nor their gradient are ever held whole. The sums equal the unchunked ones
-  up to float32 summation order.
-  """
-  features = hidden.shape[-1]
-  flat_hidden = hidden.reshape(-1, features)
-  flat_labels, flat_weights = labels.reshape(-1), weights.reshape(-1)
-  pad = -flat_hidden.shape[0] % chunk  # padded tokens weigh 0
-  chunks = (
-      jnp.pad(flat_hidden, ((0, pad), (0, 0))).reshape(-1, chunk, features),
-      jnp.pad(flat_labels, (0, pad)).reshape(-1, chunk),
-      jnp.pad(flat_weights.astype(jnp.float32), (0, pad)).reshape(-1, chunk))
-
-  @jax.checkpoint
-  def sums_of(table, hidden, labels, weights):  # one chunk
-    logits = jnp.einsum("ch,vh->cv", hidden.astype(dtype), table.astype(dtype),
-                        preferred_element_type=jnp.float32)
-    m = weighted_cross_entropy(logits, labels, weights)
-    return jnp.stack([m["loss_sum"], m["correct"], m["count"]])
-
-  def add(total, chunk_arrays):
-    return total + sums_of(table, *chunk_arrays), None
-
-  total, _ = jax.lax.scan(add, jnp.zeros((3,), jnp.float32), chunks)
-  return {"loss_sum": total[0], "correct": total[1], "count": total[2]}
-
-
 def row_weights(batch: dict, rows: int):
   """batch["weights"] [B] (0 = an evaluation padding row), else all ones."""
   weights = batch.get("weights")
