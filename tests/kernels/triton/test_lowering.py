@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fusedlm.kernels import BlockSizes, flash_attention
+from fusedlm.kernels import BlockSizes, flash_attention, target_device
 from fusedlm.kernels.bench.mosaic_compile import PLUGINS
+from tests.kernels.stand_ins import H100
 
 # JAX >= 0.11 with its CUDA plugin installed compiles Triton kernels while
 # lowering, which needs a GPU; CI's second pass installs the plugin (for the
@@ -45,8 +46,7 @@ def lower_forward_and_backward_for_cuda(q, k, causal, masks, block_sizes):
     reason="JAX >= 0.11 with a CUDA plugin compiles Triton kernels at lowering"
     " (needs a GPU); the JAX 0.10.2 pass lowers them")
 def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
-                                 kv_heads, monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+                                 kv_heads):
   batch, heads = 2, 4
   q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype)
   k = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), dtype)
@@ -56,8 +56,9 @@ def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
       "kv_segment_ids": jax.ShapeDtypeStruct((batch, kv_len), jnp.int32),
   }
   blocks = BlockSizes.get_default(head_dim, dtype)
-  lowered = lower_forward_and_backward_for_cuda(
-      q, k, causal, {m: shapes[m] for m in masks}, blocks)
+  with target_device(H100):  # traced for a GPU: the kernel's device check passes
+    lowered = lower_forward_and_backward_for_cuda(
+        q, k, causal, {m: shapes[m] for m in masks}, blocks)
   text = lowered.as_text()
   for kernel in ("fusedlm_flash_fwd", "fusedlm_flash_bwd_dkv",
                  "fusedlm_flash_bwd_dq"):
