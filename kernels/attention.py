@@ -92,7 +92,7 @@ def dot_product_attention(
     logits_soft_cap: c * tanh(x / c) on the (biased) scores (Gemma 2).
     dropout_rate, dropout_rng: dropout on the attention probabilities, from
       counter-based bits of (dropout_rng, batch, head, row, column); the
-      "pallas" and "xla" implementations draw the same bits. Pass
+      "pallas", "mosaic" and "xla" implementations draw the same bits. Pass
       dropout_rate=0 (or leave it) in evaluation and decoding.
     return_lse: also return the rows' log-sum-exp (natural log; -inf on a
       row that sees no key), differentiable, so that attention over chunks
@@ -132,30 +132,38 @@ def dot_product_attention(
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **variant_args,
         block_sizes=block_sizes, interpret=interpret,
     )
-  given = [name for name, value in variant_args.items()
-           if (value is not None if _PLAIN[name] is None else value != _PLAIN[name])]
-  if given:
-    raise ValueError(
-        f"implementation={implementation!r} is not wired for"
-        f" {', '.join(given)}; use 'pallas' or 'xla', which take every variant.")
   if implementation == "mosaic":
+    if mask is not None:
+      raise ValueError(
+          "implementation='mosaic' is not wired for mask (the per-head boolean"
+          " mask); use 'pallas' or 'xla', which take every variant.")
     if interpret is None and jax.default_backend() != "gpu":
       raise ValueError(
           "implementation='mosaic' runs on Hopper GPUs; on the"
           f" {jax.default_backend()!r} backend use 'pallas' or 'xla' (Mosaic"
           " GPU's stock interpreter cannot run it yet: the tests patch it, see"
           " tests/kernels/mosaic/interpreter_shim.py).")
+    del variant_args["mask"]
     return mosaic_attention(
         q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **variant_args,
         block_sizes=block_sizes, interpret=interpret or False,
     )
+  given = [name for name, value in variant_args.items()
+           if name not in _CUDNN_TAKES
+           and (value is not None if _PLAIN[name] is None else value != _PLAIN[name])]
+  if given:
+    raise ValueError(
+        f"implementation={implementation!r} is not wired for"
+        f" {', '.join(given)}; use 'pallas' or 'xla', which take every variant.")
   return cudnn_attention(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+      **{name: variant_args[name] for name in _CUDNN_TAKES},
   )
 
 
+_CUDNN_TAKES = ("bias", "causal_alignment", "local_window_size")  # through jax.nn
 _PLAIN = dict(bias=None, mask=None, causal_alignment="bottom_right",
               local_window_size=None, logits_soft_cap=None, dropout_rate=0.0,
               dropout_rng=None, return_lse=False)

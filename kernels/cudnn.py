@@ -10,20 +10,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fusedlm.kernels import masking
+from fusedlm.kernels import masking, variants
 
 
 def cudnn_attention(
     q, k, v, *, causal=False, scale=None, key_padding_mask=None,
-    segment_ids=None, kv_segment_ids=None,
+    segment_ids=None, kv_segment_ids=None, bias=None,
+    causal_alignment="bottom_right", local_window_size=None,
 ):
   """cuDNN's fused attention, for the arguments it can take.
 
   Differences from the other implementations, each refused with a
-  ValueError rather than answered differently: no segment ids; causal only
-  for q_len == kv_len (cuDNN aligns the diagonal top-left); bfloat16 or
-  float16 only; head_dim a multiple of 8 up to 256. A key padding mask is
-  passed as a mask; a row whose keys are all padded is not zeroed by cuDNN.
+  ValueError rather than answered differently: no segment ids; causal and
+  the local window only where cuDNN's diagonal (top-left) is ours (q_len ==
+  kv_len, or causal_alignment="top_left"); bfloat16 or float16 only;
+  head_dim a multiple of 8 up to 256. A key padding mask is passed as a
+  mask; a row whose keys are all padded is not zeroed by cuDNN. The bias
+  and the window are jax.nn's arguments (`kernels.variants` semantics).
   """
   shape = masking.check_qkv(q, k, v)
   if jax.default_backend() != "gpu":
@@ -36,12 +39,17 @@ def cudnn_attention(
         "implementation='cudnn' does not take segment_ids; use 'pallas' or"
         " 'xla' for packed sequences."
     )
-  if causal and shape.q_len != shape.kv_len:
+  window = variants.check_window(local_window_size)
+  if ((causal or window is not None)
+      and variants.alignment_offset(shape, causal_alignment) != 0):
     raise ValueError(
-        "implementation='cudnn' aligns the causal mask top-left, which differs"
-        f" from ours (bottom-right) when q_len ({shape.q_len}) != kv_len"
-        f" ({shape.kv_len}); use 'pallas' or 'xla'."
+        "implementation='cudnn' aligns the causal mask and the window"
+        " top-left, which differs from bottom-right when q_len"
+        f" ({shape.q_len}) != kv_len ({shape.kv_len}); use 'pallas' or 'xla'."
     )
+  if window is not None:  # jax.nn takes no unbounded side
+    window = tuple(shape.kv_len if w is None else w for w in window)
+  bias = variants.check_broadcast("bias", bias, shape, boolean=False)[0]
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(
         f"implementation='cudnn' takes bfloat16 or float16, got {q.dtype}."
@@ -56,6 +64,7 @@ def cudnn_attention(
     masking.segments_from_masks(shape, key_padding_mask)  # validates
     mask = key_padding_mask[:, None, None, :]
   return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=masking.default_scale(shape.head_dim, scale),
-      is_causal=causal, implementation="cudnn",
+      q, k, v, bias=bias, mask=mask,
+      scale=masking.default_scale(shape.head_dim, scale), is_causal=causal,
+      local_window_size=window, implementation="cudnn",
   )
