@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fusedlm.kernels import masking, variants
+from fusedlm.kernels import masking, target, variants
 
 
 def cudnn_attention(
@@ -21,23 +21,31 @@ def cudnn_attention(
   """cuDNN's fused attention, for the arguments it can take.
 
   Differences from the other implementations, each refused with a
-  ValueError rather than answered differently: no segment ids; causal and
-  the local window only where cuDNN's diagonal (top-left) is ours (q_len ==
-  kv_len, or causal_alignment="top_left"); bfloat16 or float16 only;
-  head_dim a multiple of 8 up to 256. A key padding mask is passed as a
-  mask; a row whose keys are all padded is not zeroed by cuDNN. The bias
-  and the window are jax.nn's arguments (`kernels.variants` semantics).
+  ValueError rather than answered differently: no segment ids (JAX 0.11
+  reaches cuDNN's packed layout only through private offsets, not a stable
+  API); causal and the local window only where cuDNN's diagonal (top-left)
+  is ours (q_len == kv_len, or causal_alignment="top_left"); bfloat16 or
+  float16 only; head_dim a multiple of 8 up to 256. A row whose keys are
+  all padded is not zeroed by cuDNN. The bias and the window are jax.nn's
+  arguments (`kernels.variants` semantics).
+
+  The key padding mask goes to cuDNN as a full [batch, 1, q_len, kv_len]
+  mask: JAX 0.11's cuDNN path takes a mask (as a bias) only at full length
+  ("Bias must have same seq length as QKV" for the broadcast [B, 1, 1, S]),
+  or sequence lengths, which hold only for right padding, something the
+  entry point cannot check under jit.
   """
   shape = masking.check_qkv(q, k, v)
-  if jax.default_backend() != "gpu":
+  device = target.current_device()
+  if not target.is_gpu(device):
     raise ValueError(
-        "implementation='cudnn' needs an NVIDIA GPU; the default backend is"
-        f" {jax.default_backend()!r}."
+        "implementation='cudnn' needs an NVIDIA GPU; this is a"
+        f" {target.describe(device)}."
     )
   if segment_ids is not None or kv_segment_ids is not None:
     raise ValueError(
-        "implementation='cudnn' does not take segment_ids; use 'pallas' or"
-        " 'xla' for packed sequences."
+        "implementation='cudnn' does not take segment_ids (packed sequences);"
+        " use 'auto' or 'mosaic' (Hopper), or 'pallas'."
     )
   window = variants.check_window(local_window_size)
   if ((causal or window is not None)
@@ -62,7 +70,8 @@ def cudnn_attention(
   mask = None
   if key_padding_mask is not None:
     masking.segments_from_masks(shape, key_padding_mask)  # validates
-    mask = key_padding_mask[:, None, None, :]
+    mask = jnp.broadcast_to(key_padding_mask[:, None, None, :],
+                            (shape.batch, 1, shape.q_len, shape.kv_len))
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask,
       scale=masking.default_scale(shape.head_dim, scale), is_causal=causal,

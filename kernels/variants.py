@@ -63,6 +63,20 @@ class Variants:
   return_lse: bool = False
 
 
+# The entry point's variant arguments and their values in plain softmax
+# attention: an implementation that lacks a variant takes a call that leaves
+# it at this value.
+PLAIN = dict(bias=None, mask=None, causal_alignment="bottom_right",
+             local_window_size=None, logits_soft_cap=None, dropout_rate=0.0,
+             dropout_rng=None, return_lse=False)
+
+
+def given(**variant_args) -> list[str]:
+  """The names of the variant arguments (PLAIN's) set to other than plain."""
+  return [name for name, value in variant_args.items()
+          if (value is not None if PLAIN[name] is None else value != PLAIN[name])]
+
+
 def alignment_offset(shape: AttentionShape, causal_alignment: str) -> int:
   if causal_alignment not in ALIGNMENTS:
     raise ValueError(f"causal_alignment must be one of {', '.join(ALIGNMENTS)},"

@@ -13,12 +13,13 @@ Commands (`cli` is the `fusedlm` dispatcher; no command imports another):
   fill_mask      the top-k tokens for every [MASK] with an encoder run
   import_hf      a local Hugging Face BERT / GPT-2 folder -> a run folder
   plot           loss and metric curves from metrics.jsonl
+  bench_train    training throughput per attention implementation vs a plain step
 
   run_config     every config default, validation, the ModelConfig of a run
 
 Sub-packages:
   training/      the training loop, the pure pmapped steps, the optimizer, the
-                 evaluation pass
+                 evaluation pass, the training-throughput benchmark
   runs/          a run's folder and process: checkpoints, checksums, the workdir
                  lock, logs, warm starts, device plumbing, command-line plumbing
   inference/     generation with the KV cache, seq2seq decoding (beam search),
@@ -27,6 +28,7 @@ Sub-packages:
                  one registry: batches, model outputs, loss, metrics, reports
   models/        ModelConfig and presets, attention, the shared Transformer block,
                  the encoder (BERT), decoder (GPT) and encoder-decoder
-                 (Transformer), Hugging Face import
+                 (Transformer), Hugging Face import, what each attention
+                 layer resolves to
   data/          corpora, tokenizers, cached tokenized splits, batch makers
 """

@@ -32,27 +32,32 @@ COMMANDS = {
     "train": Command("fusedlm.research.train",
                      "train an experiment config into a workdir; resumes there"),
     "evaluate": Command("fusedlm.research.evaluate",
-                        "a checkpoint's validation metrics (loss, accuracy, BLEU, ...)"),
+                        "a checkpoint's validation metrics (loss, accuracy, BLEU, EM/F1, ROUGE)"),
     "generate": Command("fusedlm.research.generate",
                         "continue prompts with a decoder run (greedy or sampled)"),
     "fill-mask": Command("fusedlm.research.fill_mask",
                          "a masked-LM run's top tokens for each [MASK] in a text"),
     "finetune": Command("fusedlm.research.finetune",
-                        "fine-tune a pretrained run as a classifier"),
+                        "fine-tune a pretrained run: classifier or extractive QA"),
     "translate": Command("fusedlm.research.translate",
-                         "decode sources with a seq2seq run (beam search, sampling)"),
+                         "translate or summarize with a seq2seq run (beam search, sampling)"),
     "import-hf": Command("fusedlm.research.import_hf",
                          "a local Hugging Face BERT or GPT-2 folder as a run folder"),
     "plot": Command("fusedlm.research.plot", "loss and metric curves of a run, as PNG"),
     "bench-attention": Command("fusedlm.kernels.bench.benchmark",
                                "time the attention kernels against XLA and cuDNN"),
+    "bench-train": Command("fusedlm.research.bench_train",
+                           "training throughput per attention implementation vs a"
+                           " plain Flax step"),
 }
-# `fusedlm inspect <backend>`: compile the kernels for an H100 on any machine.
+# `fusedlm inspect <backend>`: compile the kernels for an H100 or a TPU on any machine.
 INSPECT = {
     "mosaic": Command("fusedlm.kernels.bench.mosaic_compile",
                       "the Hopper kernels (JAX >= 0.11, CUDA plugin, ptxas)"),
     "triton": Command("fusedlm.kernels.bench.triton_compile",
                       "the Triton kernels (jaxlib 0.10.2's IR, triton 3.8.0)"),
+    "tpu": Command("fusedlm.kernels.bench.tpu_compile",
+                   "the TPU kernels for TPU topologies (JAX >= 0.11, libtpu)"),
 }
 
 
@@ -61,7 +66,7 @@ def usage() -> str:
   lines = ["usage: fusedlm <command> [--flag=value ...]    (fusedlm <command> --help)", "",
            "commands:"]
   lines += [f"  {name:<{width}}{command.summary}" for name, command in COMMANDS.items()]
-  lines.append(f"  {'inspect':<{width}}compile the kernels for an H100 without one:"
+  lines.append(f"  {'inspect':<{width}}compile the kernels for an H100 or a TPU without one:"
                f" {' | '.join(INSPECT)}")
   return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from fusedlm.research.inference.masked_lm import Prediction, clip, fill_mask
-from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.runs import command_line, saved_run
 
 
 def format_table(texts: Sequence[str], results: list[list[list[Prediction]]]) -> str:
@@ -57,7 +57,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def _main(f: flags.FlagValues) -> None:
-  run = checkpoint.open_run(f.workdir)
+  run = saved_run.open_run(f.workdir)
   step, params = run.restore_params(f.step)
   results = fill_mask(run, params, f.text, f.top_k)
   print(f"{run.workdir} at step {step}\n")

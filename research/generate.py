@@ -10,7 +10,9 @@ run's own tokenizer and model, all prompts in one batch, until end-of-text or
 --max_new_tokens. Temperature 0 (the default) is greedy decoding; otherwise
 tokens are drawn after top-k and top-p filtering, reproducibly for a --seed.
 --step picks a checkpoint (default: the newest). --output writes a JSON record
-of the settings and, per prompt, the continuation's text and token ids.
+of the settings and, per prompt, the continuation's text and token ids. The
+output first names the attention implementation each layer resolved to, for
+the prompts and for each cached decoding step (research.models.resolved_attention).
 
 A bad workdir, step or setting ends with exit status 2 and one line on stderr
 (a missing --workdir or --prompt is absl's flag error, status 1).
@@ -27,13 +29,14 @@ from fusedlm.research.inference.generation import (
   generate,
 )
 from fusedlm.research.inference.sampling import Sampling
-from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.models import resolved_attention
+from fusedlm.research.runs import command_line, saved_run
 
 
 def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
                    sampling: Sampling, seed: int, step: int | None = None) -> dict:
   """The JSON record the CLI writes: settings plus one entry per prompt."""
-  run = checkpoint.open_run(workdir)
+  run = saved_run.open_run(workdir)
   tokenizer = run.tokenizer
   prompt_ids = encode_prompts(tokenizer, prompts)
   request = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
@@ -43,6 +46,10 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
   check_request(run.model_cfg, prompt_ids, **request)
   step, params = run.restore_params(step)
   tokens = generate(run.model_cfg, params, prompt_ids, **request)
+  longest = max(max(len(ids) for ids in prompt_ids), 1)  # an empty prompt starts at eos
+  attention = resolved_attention.for_generation(
+      run.model_cfg, batch=len(prompt_ids), prompt_len=longest,
+      cache_len=longest + max_new_tokens)
   eos = tokenizer.eos_id
   return {
       "workdir": str(run.workdir),
@@ -52,6 +59,7 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
       "seed": seed,
       "max_new_tokens": max_new_tokens,
       "eos_id": eos,
+      "attention": resolved_attention.describe(attention, run.model_cfg),
       "samples": [{
           "prompt": text,
           "prompt_ids": ids.tolist(),
@@ -64,7 +72,7 @@ def run_generation(workdir, prompts: list[str], *, max_new_tokens: int,
 
 def define_flags(fv: flags.FlagValues) -> None:
   f = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "run folder written by research.train", **f)
+  flags.DEFINE_string("workdir", None, "run folder written by fusedlm train", **f)
   flags.DEFINE_multi_string("prompt", None, "text to continue; repeat for a batch"
                             " (\"\" starts from end-of-text)", **f)
   flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt at most", **f)
@@ -84,6 +92,7 @@ def _main(f: flags.FlagValues) -> None:
       sampling=sampling, seed=f.seed, step=f.step)
   print(f"step {record['step']} of {record['workdir']}, {sampling.describe()},"
         f" seed {record['seed']}")
+  print("\n".join(record["attention"]))
   for i, sample in enumerate(record["samples"]):
     end = " [end of text]" if sample["stopped_at_eos"] else ""
     print(f"\n--- prompt {i}: {sample['prompt']!r}{end}")

@@ -8,10 +8,10 @@
 
 The folder needs config.json, the weights (model.safetensors, a sharded
 index, or pytorch_model.bin) and the tokenizer (tokenizer.json, or a BERT
-vocab.txt); nothing is downloaded. The run it writes is like one research.train
+vocab.txt); nothing is downloaded. The run it writes is like one fusedlm train
 wrote: config.json (objective "mlm" for BERT, with NSP when the model has that
 head, "causal" for GPT-2; the model fields are the imported model's, so
-research.train on the folder continues pretraining from it), the tokenizer,
+fusedlm train on the folder continues pretraining from it), the tokenizer,
 and a checkpoint at step 0 holding the parameters and a fresh AdamW state.
 An existing run is never overwritten.
 """
@@ -25,13 +25,13 @@ from absl import flags
 from fusedlm.research import run_config
 from fusedlm.research.data import load_tokenizer
 from fusedlm.research.models.hf_import import load_hf_checkpoint
-from fusedlm.research.runs import checkpoint, command_line
+from fusedlm.research.runs import checkpoint, command_line, run_files, saved_run
 from fusedlm.research.training import optimizer, steps
 
 SEQ_LEN = 128  # config.data.seq_len of the run (at most the model's max_len)
 
 
-def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> checkpoint.SavedRun:
+def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> saved_run.SavedRun:
   """Writes the run folder and returns it, reopened.
 
   runtime_overrides: ModelConfig fields that do not change the parameters
@@ -43,7 +43,7 @@ def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> checkpo
       tokenizer whose size differs from the model's embedding.
   """
   hf_dir, workdir = Path(hf_dir), Path(workdir)
-  if (workdir / checkpoint.CONFIG_FILE).exists() or (workdir / checkpoint.CHECKPOINT_DIR).exists():
+  if (workdir / run_files.CONFIG_FILE).exists() or (workdir / checkpoint.CHECKPOINT_DIR).exists():
     raise ValueError(f"{workdir} already holds a run; import into a new --workdir.")
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"no Hugging Face model folder at {hf_dir}")
@@ -54,21 +54,21 @@ def import_hf(hf_dir, workdir, *, seed: int = 0, **runtime_overrides) -> checkpo
                      f" model's embedding {model_cfg.vocab_size} rows; they must match.")
   config = _run_config(model_cfg, tokenizer.kind, seed)
   # The run's own rebuild of the model must be the imported one, or a resume
-  # (research.train on this folder) would be refused.
+  # (fusedlm train on this folder) would be refused.
   rebuilt = run_config.build_model_config(config, tokenizer.vocab_size)
   if rebuilt != model_cfg:
     raise ValueError("the run config does not rebuild the imported model: " + "; ".join(
         run_config.diff_model(model_cfg.to_dict(), rebuilt.to_dict())))
   tx = optimizer.build_optimizer(config.optimizer, config.train.steps)
   state = steps.create(model_cfg, tx, seed, params=params)
-  checkpoint.write_run_files(workdir, config, tokenizer, model_cfg.to_dict())
+  run_files.write_run_files(workdir, config, tokenizer, model_cfg.to_dict())
   saver = checkpoint.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                   use_async=False)
   try:
     saver.save(0, state, force=True)
   finally:
     saver.close()
-  return checkpoint.open_run(workdir)
+  return saved_run.open_run(workdir)
 
 
 def _run_config(model_cfg, tokenizer_kind: str, seed: int):

@@ -17,6 +17,7 @@ across calls.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from absl import flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fusedlm.research.data import partials
 from fusedlm.research.runs import command_line
 from fusedlm.research.runs import logger as run_logging
 
@@ -66,7 +68,7 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
   workdir = Path(workdir).absolute()
   path = workdir / METRICS_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"no {METRICS_FILE} at {path}: research.train writes one"
+    raise FileNotFoundError(f"no {METRICS_FILE} at {path}: fusedlm train writes one"
                             " into its --workdir as it trains.")
   out = Path(out).absolute() if out is not None else workdir / DEFAULT_OUT
   if out.suffix.lower() != ".png":
@@ -102,8 +104,9 @@ def plot_run(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax.set_visible(False)
   last = max(step for split in _SPLITS for step in rows[split])
   figure.suptitle(f"{workdir.name}: {METRICS_FILE} to step {last}")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(out, format="png", dpi=100)
+  png = io.BytesIO()
+  figure.savefig(png, format="png", dpi=100)
+  partials.publish(out, png.getvalue())  # a reader never sees half a picture
   return out
 
 

@@ -1,7 +1,8 @@
 """The run configuration: every default in one place, validation, the ModelConfig.
 
 An experiment (`experiments/*.py`) starts from `defaults()` (pretraining) or
-`finetune_defaults()` (research.finetune) and states only what differs, then
+`finetune_defaults()` (fusedlm finetune; `finetune_defaults("qa")` for
+extractive QA) and states only what differs, then
 hands the result to `finish(config, arg)`, which applies the `runlocal` smoke
 switch when the config file is named as `experiments/X.py:runlocal`:
 
@@ -109,7 +110,7 @@ def defaults(objective: str = "causal") -> ml_collections.ConfigDict:
   record = objectives.get(objective)
   if record.fine_tunes:
     raise ValueError(f"a {objective} config fine-tunes: start it from"
-                     " run_config.finetune_defaults().")
+                     f" run_config.finetune_defaults({objective!r}).")
   config = ml_collections.ConfigDict()
   config.model = _model_section({f.name for f in dataclasses.fields(
       model_config_lib.ModelConfig)} - SET_BY_THE_RUN)
@@ -140,10 +141,18 @@ def defaults(objective: str = "causal") -> ml_collections.ConfigDict:
 FINETUNE_MODEL_KEYS = frozenset({"dropout", "dtype", "param_dtype", "attention", "remat"})
 
 
-def finetune_defaults() -> ml_collections.ConfigDict:
-  """Every field of a fine-tuning (classification) config, with its default."""
+def finetune_defaults(objective: str = "classification") -> ml_collections.ConfigDict:
+  """Every field of a fine-tuning config for `objective`, with its default.
+
+  These are classification's; another fine-tuning objective's record extends
+  them (qa's SQuAD data and answer decoding: `Objective.config_defaults`).
+  """
+  record = objectives.get(objective)
+  if not record.fine_tunes:
+    raise ValueError(f"a {objective} config pretrains: start it from"
+                     f" run_config.defaults({objective!r}).")
   config = ml_collections.ConfigDict()
-  config.init_from = ""  # the pretrained workdir; research.finetune --init_from sets it
+  config.init_from = ""  # the pretrained workdir; fusedlm finetune --init_from sets it
   config.init_step = 0  # its checkpoint step; 0 = the newest
 
   config.model = _model_section(FINETUNE_MODEL_KEYS)  # None = as pretrained
@@ -175,6 +184,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   config.checkpoint = _checkpoint_section()
   config.checkpoint.every = 100
   config.checkpoint.keep = 1
+  config.objective = objective
+  if record.config_defaults is not None:
+    config = record.config_defaults(config)
   return config
 
 
@@ -230,7 +242,7 @@ def schema_for(config) -> dict:
   """The schema of the config's objective: its record's own defaults, else
   pretraining's or fine-tuning's."""
   objective = objectives.get(config.get("objective"))
-  return _schema_of(finetune_defaults() if objective.fine_tunes
+  return _schema_of(finetune_defaults(objective.name) if objective.fine_tunes
                     else defaults(objective.name))
 
 
@@ -268,16 +280,65 @@ def validate(config) -> None:
   if preset and preset not in model_config_lib.presets:
     raise ValueError(f"unknown config.model.preset {preset!r}; choose one of"
                      f" {sorted(model_config_lib.presets)}.")
-  t = config.train
-  for key in ("steps", "batch_size", "log_every", "eval_every"):
-    if t[key] < 1:
-      raise ValueError(f"config.train.{key} must be >= 1, got {t[key]}.")
-  if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
-    raise ValueError("config.checkpoint.every and .keep must be >= 1.")
+  for dotted, kind, low, high in _RANGES:
+    value = _get(config, dotted)
+    if value is not None:
+      _check_range(dotted, value, kind, low, high)
   lr = config.optimizer.learning_rate
   if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
     raise ValueError(f"config.optimizer.learning_rate must be a finite number > 0,"
                      f" got {lr!r} (a negative rate climbs the loss).")
+
+
+# The numeric fields and their ranges, checked before anything runs (a bad one
+# otherwise fails late: a negative eval_batches only at the first evaluation).
+# (field, type, lowest, highest); a bound is (value, inclusive) or None.
+_RANGES = (
+    ("train.steps", int, (1, True), None),
+    ("train.batch_size", int, (1, True), None),
+    ("train.log_every", int, (1, True), None),
+    ("train.eval_every", int, (1, True), None),
+    ("train.eval_batches", int, (0, True), None),  # 0 = every batch of the split
+    ("train.profile_steps", int, (0, True), None),
+    ("train.seed", int, (0, True), None),
+    ("checkpoint.every", int, (1, True), None),
+    ("checkpoint.keep", int, (1, True), None),
+    ("optimizer.warmup_steps", int, (0, True), None),
+    ("optimizer.accumulation_steps", int, (1, True), None),
+    ("optimizer.min_lr_ratio", float, (0.0, True), (1.0, True)),
+    ("optimizer.b1", float, (0.0, True), (1.0, False)),
+    ("optimizer.b2", float, (0.0, True), (1.0, False)),
+    ("optimizer.eps", float, (0.0, False), None),
+    ("optimizer.weight_decay", float, (0.0, True), None),
+    ("optimizer.grad_clip_norm", float, (0.0, True), None),  # 0 = off
+    ("data.seq_len", int, (2, True), None),
+    ("data.vocab_size", int, (1, True), None),
+    ("data.mask_prob", float, (0.0, False), (1.0, False)),
+    ("data.validation_fraction", float, (0.0, True), (1.0, False)),
+)
+
+
+def _get(config, dotted: str):
+  section, _, key = dotted.partition(".")
+  holder = config.get(section)
+  return holder.get(key) if holder is not None and key in holder else None
+
+
+def _check_range(dotted: str, value, kind, low, high) -> None:
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not is_number or (kind is int and not float(value).is_integer()) or (
+      not math.isfinite(value)):
+    raise ValueError(f"config.{dotted} must be {'an integer' if kind is int else 'a number'},"
+                     f" got {value!r}.")
+  for bound, below in ((low, True), (high, False)):
+    if bound is None:
+      continue
+    limit, inclusive = bound
+    ok = (value >= limit if inclusive else value > limit) if below else (
+        value <= limit if inclusive else value < limit)
+    if not ok:
+      sign = (">=" if inclusive else ">") if below else ("<=" if inclusive else "<")
+      raise ValueError(f"config.{dotted} must be {sign} {limit}, got {value!r}.")
 
 
 def build_model_config(config, vocab_size: int,

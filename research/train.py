@@ -16,6 +16,7 @@ from absl import flags
 
 from fusedlm.research.runs import command_line
 from fusedlm.research.training import loop
+from fusedlm.research.training.eval_loop import format_summary
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -31,7 +32,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 def _main(f: flags.FlagValues) -> None:
   command_line.start_distributed(f)
   result = loop.train(f.config, f.workdir, allow_data_change=f.allow_data_change)
-  print(f"final eval: {result['eval']}")
+  when = (f"step {result['step']}, from the run's log: it was already complete"
+          if result["already_complete"] else f"step {result['step']}")
+  print(f"final eval ({when}): {format_summary(result['eval'], result['objective'])}")
 
 
 def main(argv=None) -> None:

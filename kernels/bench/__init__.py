@@ -4,5 +4,7 @@
 checks one cell, `report` writes its table, JSON and chart),
 `triton_compile` and `mosaic_compile` (`fusedlm inspect triton|mosaic`:
 compile the kernels for an H100 on any machine and report registers, spills,
-shared memory and instructions), and `command_line`, their flag conventions.
+shared memory and instructions), `tpu_compile` (`fusedlm inspect tpu`: the
+TPU kernels for TPU topologies, with their VMEM need and the compiler's
+warnings), and `command_line`, their flag conventions.
 """

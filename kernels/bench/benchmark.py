@@ -8,8 +8,12 @@ Launch (GPU, the default sweep; the FlashAttention papers' setting):
   batch * seq = 16384 tokens, heads * head_dim = 2048, head dims 64 and 128,
   seq 512 to 16384, causal and not, forward and forward+backward, over the
   implementations pallas (ours, Triton), mosaic (ours, Mosaic GPU; Hopper
-  only), xla, cudnn and jax-triton
+  only), tpu (ours, Mosaic TPU; interpreted off TPU), xla, cudnn and jax-triton
   (`jax.experimental.pallas.ops.gpu.attention.mha`).
+
+On a TPU the same sweep, over our TPU kernel and XLA (BENCHMARKS.md, TPU):
+
+  fusedlm bench-attention --impls=tpu,xla --out=bench_out/tpu
 
 Smoke run (tiny sizes; the default on a CPU, where Pallas runs interpreted):
 
@@ -116,16 +120,17 @@ def resolve(f: flags.FlagValues) -> dict:
 
   ValueError names a flag whose value is not one the sweep can take.
   """
-  gpu = measure.on_gpu()
-  preset = SMOKE if f.smoke or not gpu else GPU
+  # A TPU takes the GPU's sweep (the FlashAttention papers' setting).
+  accelerator = measure.on_gpu() or measure.on_tpu()
+  preset = SMOKE if f.smoke or not accelerator else GPU
   pick = lambda flag, default: default if flag is None else flag
   dtypes = None if f.dtype is None else command_line.names("dtype", f.dtype, _DTYPES)
   return {
-      "preset": "smoke" if preset is SMOKE else "gpu",
+      "preset": "smoke" if preset is SMOKE else jax.default_backend(),
       "seq_lens": pick(command_line.ints("seq_lens", f.seq_lens), preset.seq_lens),
       "head_dims": pick(command_line.ints("head_dims", f.head_dims),
                         preset.head_dims),
-      "dtypes": pick(dtypes, ("bfloat16",) if gpu else ("float32",)),
+      "dtypes": pick(dtypes, ("bfloat16",) if accelerator else ("float32",)),
       "passes": command_line.names("passes", f.passes, measure.PASSES),
       "implementations": _implementations(f.impls),
       "variants": command_line.names("variants", f.variants, variant_cells.VARIANTS),

@@ -34,7 +34,7 @@ from fusedlm.kernels.bench import variant_cells
 from fusedlm.kernels.mosaic.tiles import MosaicBlockSizes
 from fusedlm.kernels.reference import reference_attention
 
-IMPLEMENTATIONS = ("pallas", "mosaic", "xla", "cudnn", "jax-triton")
+IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla", "cudnn", "jax-triton")
 PASSES = ("fwd", "fwd+bwd")
 BWD_FLOP_FACTOR = 3.5  # fwd+bwd = 2.5 backward matmul passes + 1 forward.
 FLOP_FORMULA = (
@@ -80,9 +80,14 @@ def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+def on_tpu() -> bool:
+  return jax.default_backend() == "tpu"
+
+
 def label(implementation: str) -> str:
-  """Row name; Pallas kernels off GPU run in the interpreter and say so."""
-  interpreted = implementation in ("pallas", "jax-triton") and not on_gpu()
+  """Row name; Pallas kernels off their device run in the interpreter and say so."""
+  interpreted = ((implementation in ("pallas", "jax-triton") and not on_gpu())
+                 or (implementation == "tpu" and not on_tpu()))
   return f"{implementation} (interpret)" if interpreted else implementation
 
 
@@ -111,9 +116,11 @@ def attention_fn(implementation: str, causal: bool, variant: str = "none"):
   interpret = not on_gpu()
   kwargs = variant_cells.static_kwargs(variant, causal)
   base, blocks = implementation.partition(":")[0], mosaic_blocks(implementation)
-  if base in ("pallas", "mosaic", "xla", "cudnn"):
+  if base in ("pallas", "mosaic", "tpu", "xla", "cudnn"):
     if base == "pallas":
       kwargs["interpret"] = interpret
+    if base == "tpu":
+      kwargs["interpret"] = not on_tpu()
     if blocks is not None:
       kwargs["block_sizes"] = blocks
     return lambda q, k, v, extra: dot_product_attention(

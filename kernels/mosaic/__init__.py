@@ -4,6 +4,8 @@
 design notes), `forward`, `backward_dq` (dQ and d bias), `backward_dkv`
 (dK and dV), `logits` (one score tile's variants and masks: bias, soft-cap,
 window, dropout), `bounds` (which tiles each kernel visits) and `tiles`
-(block sizes, head dims, static settings, the launch and layout helpers
-the kernels share).
+(block sizes, head dims, static settings, grid axis names, the launch and
+layout helpers the kernels share); `coverage` (what the kernel takes: the
+predicate "auto" asks) and `decode` (the path of decoding-sized calls, a
+few query rows against a key/value cache).
 """

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fusedlm.kernels import masking, variants
+from fusedlm.kernels import masking, target, variants
 from fusedlm.kernels.mosaic.backward_dkv import backward_dkv
 from fusedlm.kernels.mosaic.backward_dq import backward_dq
 from fusedlm.kernels.mosaic.forward import forward
@@ -98,16 +98,46 @@ MIN_JAX = (0, 11)
 LN2 = math.log(2.0)
 
 
+def _varying_like(x, *like):
+  """x, typed as varying over every manual mesh axis that one of `like` varies over.
+
+  Pallas traces a kernel with JAX's varying-manual-axes check off, so under
+  `jax.shard_map` (check_vma) the kernels' outputs carry none of their
+  inputs' axes; a custom VJP must return outputs and cotangents typed like
+  its arguments. Outside shard_map (jit, pmap) there are no such axes.
+  None passes through (an absent bias's cotangent).
+  """
+  if x is None:
+    return None
+  axes = set()
+  for y in jax.tree.leaves(like):
+    axes |= _varying_axes(y)
+  missing = tuple(axes - _varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying_axes(x) -> frozenset:
+  mat = getattr(jax.typeof(x), "mat", None)  # JAX's ManualAxisType
+  return frozenset(getattr(mat, "varying", ()))
+
+
+def _primal(out, lse, st: MosaicStatic, *inputs):
+  """The op's output(s), typed like its inputs (`_varying_like`)."""
+  out = _varying_like(out, *inputs)
+  return (out, _varying_like(_lse_out(lse), out)) if st.var.return_lse else out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, segments, bias, seed, st: MosaicStatic):
   out, lse = forward(q, k, v, segments, bias, seed, st)
-  return (out, _lse_out(lse)) if st.var.return_lse else out
+  return _primal(out, lse, st, q, k, v, segments, bias, seed)
 
 
 def _attention_fwd(q, k, v, segments, bias, seed, st: MosaicStatic):
   out, lse = forward(q, k, v, segments, bias, seed, st)
-  primal = (out, _lse_out(lse)) if st.var.return_lse else out
-  return primal, (q, k, v, segments, bias, seed, out, lse)
+  inputs = (q, k, v, segments, bias, seed)
+  out = _varying_like(out, *inputs)
+  return _primal(out, lse, st, *inputs), (*inputs, out, _varying_like(lse, out))
 
 
 def _attention_bwd(st: MosaicStatic, residuals, cotangent):
@@ -124,7 +154,8 @@ def _attention_bwd(st: MosaicStatic, residuals, cotangent):
   dk, dv = backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st)
   if dbias is not None:
     dbias = _bias_gradient(dbias, segments, bias, st)
-  return dq, dk, dv, None, dbias, None
+  return (_varying_like(dq, q), _varying_like(dk, k), _varying_like(dv, v), None,
+          _varying_like(dbias, bias), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -193,31 +224,6 @@ def _plan(shape: masking.AttentionShape, dtype, bias_dtype, var: variants.Varian
   return dims, block_sizes
 
 
-def unsupported_reason(q, k, v, *, bias=None, mask=None, local_window_size=None,
-                       logits_soft_cap=None, dropout_rate=0.0, dropout_rng=None,
-                       block_sizes=None, **_) -> str | None:
-  """None if `mosaic_attention` takes these arguments, else why not (one line).
-
-  For the entry point's "auto" rule, so that it keeps every call the Hopper
-  kernel can take on it and sends the rest to 'pallas'. Looks at shapes,
-  dtypes and static arguments only (works on tracers and
-  jax.ShapeDtypeStructs); the device is the caller's to check. Other
-  keyword arguments of `dot_product_attention` are accepted and ignored.
-  """
-  if mask is not None:
-    return "implementation='mosaic' is not wired for mask (the per-head boolean mask)"
-  try:
-    shape = masking.check_qkv(q, k, v)
-    var = variants.Variants(
-        window=variants.check_window(local_window_size),
-        soft_cap=variants.check_soft_cap(logits_soft_cap),
-        dropout_rate=variants.check_dropout(dropout_rate, dropout_rng))
-    _plan(shape, q.dtype, None if bias is None else bias.dtype, var, block_sizes)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
 def _dkv_roles(shape: masking.AttentionShape, var: variants.Variants) -> bool:
   """Whether the dK/dV kernel's consumers split dK and dV below 128 too.
 
@@ -249,21 +255,24 @@ def _interpret_params(interpret):
   return interpret
 
 
-def _check_device():
+def check_device():
+  """ValueError unless the compiled kernels can run here: JAX >= 0.11 and a
+  GPU of compute capability 9.x (`kernels.target.current_device()`)."""
+  device = target.current_device()
+  way_out = ("use implementation='auto', 'pallas' or 'xla' (or interpret=True:"
+             " Mosaic GPU's interpreter, JAX >= 0.11)")
+  if not target.is_gpu(device):
+    raise ValueError(
+        "implementation='mosaic' runs on Hopper GPUs (sm_90a); this is a"
+        f" {target.describe(device)}: {way_out}.")
+  if not target.is_hopper(device):
+    raise ValueError(
+        "implementation='mosaic' uses Hopper's wgmma and TMA (compute"
+        f" capability 9.x); this is a {target.describe(device)}: use"
+        " implementation='auto' or 'pallas'.")
   if jax.__version_info__ < MIN_JAX:
     raise ValueError(
         f"implementation='mosaic' needs JAX >= 0.11, this is {jax.__version__}.")
-  if jax.default_backend() != "gpu":
-    raise ValueError(
-        "implementation='mosaic' compiles for Hopper GPUs (sm_90a) only; the"
-        f" default backend is {jax.default_backend()!r}: pass interpret=True"
-        " or use implementation='pallas' / 'xla'.")
-  capability = getattr(jax.devices()[0], "compute_capability", "")
-  if not str(capability).startswith("9."):
-    raise ValueError(
-        "implementation='mosaic' uses Hopper's wgmma and TMA (compute"
-        f" capability 9.x); this GPU has {capability or 'unknown'}: use"
-        " implementation='pallas'.")
 
 
 @functools.partial(
@@ -302,7 +311,7 @@ def mosaic_attention(
   they compile for sm_90a and need a compute-capability-9.x GPU.
   """
   if interpret is False or interpret is None:
-    _check_device()
+    check_device()
   return mosaic_attention_any_device(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, bias=bias,

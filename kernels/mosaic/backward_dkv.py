@@ -33,9 +33,13 @@ from fusedlm.kernels.mosaic.logits import (
   scaled,
 )
 from fusedlm.kernels.mosaic.tiles import (
+  BATCH_AXIS,
   COMPUTE_WARPGROUPS,
   CONSUMER_REGISTERS,
+  HEAD_AXIS,
+  KV_AXIS,
   PRODUCER_REGISTERS,
+  WARPGROUP_AXIS,
   MosaicStatic,
   bias_index,
   launch,
@@ -71,10 +75,10 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
     qseg_ref, kvseg_ref = inputs[:2] if st.has_segments else (None, None)
     bias_ref = inputs[2 * st.has_segments] if has_bias else None
     seed_ref = inputs[-1] if dropout else None
-    batch = lax.axis_index("batch")
-    kv_head = lax.axis_index("heads")
-    wg = lax.axis_index("wg")
-    cta_first = lax.axis_index("kv_seq") * (key_sets * bkv)
+    batch = lax.axis_index(BATCH_AXIS)
+    kv_head = lax.axis_index(HEAD_AXIS)
+    wg = lax.axis_index(WARPGROUP_AXIS)
+    cta_first = lax.axis_index(KV_AXIS) * (key_sets * bkv)
     rng = q_range(st, cta_first, key_sets * bkv, bq)
     per_head = rng.steps
     steps = st.group * per_head
@@ -308,5 +312,5 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
       kernel, st, name="fusedlm_mosaic_bwd_dkv",
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
       scratch_types=(smem, bar),
-      grid=(hkv, kv_pad // (key_sets * bkv), b), grid_names=("heads", "kv_seq", "batch"),
+      grid=(hkv, kv_pad // (key_sets * bkv), b), grid_names=(HEAD_AXIS, KV_AXIS, BATCH_AXIS),
   )(*args)

@@ -34,9 +34,13 @@ from fusedlm.kernels.mosaic.logits import (
   scaled,
 )
 from fusedlm.kernels.mosaic.tiles import (
+  BATCH_AXIS,
   COMPUTE_WARPGROUPS,
   CONSUMER_REGISTERS,
+  HEAD_AXIS,
+  Q_AXIS,
   PRODUCER_REGISTERS,
+  WARPGROUP_AXIS,
   MosaicStatic,
   bias_index,
   launch,
@@ -78,10 +82,10 @@ def backward_dq(q, k, v, segments, bias, seed, do, lse, delta, st: MosaicStatic)
     qseg_ref, kvseg_ref = inputs[:2] if st.has_segments else (None, None)
     bias_ref = inputs[2 * st.has_segments] if has_bias else None
     seed_ref = inputs[-1] if dropout else None
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
-    wg = lax.axis_index("wg")
-    cta_first = lax.axis_index("q_seq") * (row_sets * bq)
+    batch = lax.axis_index(BATCH_AXIS)
+    head = lax.axis_index(HEAD_AXIS)
+    wg = lax.axis_index(WARPGROUP_AXIS)
+    cta_first = lax.axis_index(Q_AXIS) * (row_sets * bq)
     rng = kv_range(st, cta_first, row_sets * bq, bkv)
 
     def sync_turn():
@@ -294,6 +298,6 @@ def backward_dq(q, k, v, segments, bias, seed, do, lse, delta, st: MosaicStatic)
       kernel, st, name="fusedlm_mosaic_bwd_dq",
       out_type=tuple(out_type),
       scratch_types=(smem, bar),
-      grid=(h, q_pad // (row_sets * bq), b), grid_names=("heads", "q_seq", "batch"),
+      grid=(h, q_pad // (row_sets * bq), b), grid_names=(HEAD_AXIS, Q_AXIS, BATCH_AXIS),
   )(*args)
   return result[0], (result[1] if has_bias else None)

@@ -25,9 +25,14 @@ from fusedlm.kernels.mosaic.logits import (
   scaled,
 )
 from fusedlm.kernels.mosaic.tiles import (
+  BATCH_AXIS,
   COMPUTE_WARPGROUPS,
   CONSUMER_REGISTERS,
+  CTA_AXIS,
+  HEAD_AXIS,
   PRODUCER_REGISTERS,
+  Q_AXIS,
+  WARPGROUP_AXIS,
   MosaicStatic,
   bias_index,
   launch,
@@ -63,7 +68,7 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
     qseg_ref, kvseg_ref = inputs[:2] if st.has_segments else (None, None)
     bias_ref = inputs[2 * st.has_segments] if has_bias else None
     seed_ref = inputs[-1] if dropout else None
-    wg = lax.axis_index("wg")
+    wg = lax.axis_index(WARPGROUP_AXIS)
 
     def sync_turn():
       plgpu.barrier_arrive(bar["schedule"])
@@ -76,10 +81,10 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
       the ring's slots and barrier phases; body returns it plus the block's.
       """
       if not persistent:
-        body(lax.axis_index("batch"), lax.axis_index("heads"),
-             lax.axis_index("q_seq"), jnp.int32(0))
+        body(lax.axis_index(BATCH_AXIS), lax.axis_index(HEAD_AXIS),
+             lax.axis_index(Q_AXIS), jnp.int32(0))
         return
-      cta, blocks = lax.axis_index("cta"), n_blocks * h * b
+      cta, blocks = lax.axis_index(CTA_AXIS), n_blocks * h * b
       def one(i, base):
         # Longest first: causal rows of the last blocks see the most keys.
         w = cta + i * persistent
@@ -263,9 +268,9 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
   args = [q, k, v] + (list(segments) if st.has_segments else [])
   args += ([bias] if has_bias else []) + ([seed] if dropout else [])
   if persistent:
-    grid, grid_names = (persistent,), ("cta",)
+    grid, grid_names = (persistent,), (CTA_AXIS,)
   else:
-    grid, grid_names = (h, n_blocks, b), ("heads", "q_seq", "batch")
+    grid, grid_names = (h, n_blocks, b), (HEAD_AXIS, Q_AXIS, BATCH_AXIS)
   return launch(
       kernel, st, name="fusedlm_mosaic_fwd",
       out_type=(jax.ShapeDtypeStruct((b, q_pad, h, dv), dtype),

@@ -34,6 +34,18 @@ COMPUTE_WARPGROUPS = 2
 # spilling at head dim 128).
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
+# The kernels' grid and warpgroup axes. Mosaic GPU resolves lax.axis_index
+# against the enclosing JAX mesh (pmap's or shard_map's axes) before the
+# kernel's own grid: a grid axis named like a mesh axis ("batch" is the
+# trainer's pmap axis) would read the device index instead, which also makes
+# the kernel a multi-device one that XLA links against NVSHMEM ("NVSHMEM is
+# not supported in XLA" at run time). Names no mesh uses avoid both.
+BATCH_AXIS = "fusedlm_mosaic_batch"
+HEAD_AXIS = "fusedlm_mosaic_heads"
+Q_AXIS = "fusedlm_mosaic_q_blocks"
+KV_AXIS = "fusedlm_mosaic_kv_blocks"
+WARPGROUP_AXIS = "fusedlm_mosaic_warpgroup"
+CTA_AXIS = "fusedlm_mosaic_cta"  # the persistent forward grid's one axis
 # How Pallas lays out shared memory (JAX 0.11.2): every scratch buffer starts
 # on a 1024-byte boundary, a kernel with row reductions reserves 2 KiB for
 # them (CompilerParams.reduction_scratch_bytes), and the barriers come after.
@@ -212,8 +224,8 @@ def bias_index(st: MosaicStatic, batch, head):
 def launch(body, st: MosaicStatic, *, name: str, out_type, scratch_types, grid,
            grid_names):
   """The kernel `body` on `grid`, as every one of ours runs: one producer and
-  COMPUTE_WARPGROUPS consumer warpgroups (axis "wg"), in the interpreter when
-  st.interpret holds its parameters."""
+  COMPUTE_WARPGROUPS consumer warpgroups (axis WARPGROUP_AXIS), in the
+  interpreter when st.interpret holds its parameters."""
   return plgpu.kernel(
       body,
       out_type=out_type,
@@ -221,7 +233,7 @@ def launch(body, st: MosaicStatic, *, name: str, out_type, scratch_types, grid,
       grid=grid,
       grid_names=grid_names,
       num_threads=COMPUTE_WARPGROUPS + 1,
-      thread_name="wg",
+      thread_name=WARPGROUP_AXIS,
       # approx_math: exp2 and the reciprocal through the fast MUFU paths, as
       # every FlashAttention kernel does (relative error ~2^-22).
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -5,6 +5,11 @@ Modules, one concern each:
   stdlib_corpus   the built-in corpus from the Python standard library
   synthetic       a Markov-chain corpus with an exactly known entropy rate
   stdlib_topics   the built-in labelled task (docstrings by library area)
+  stdlib_qa       the built-in extractive-QA task (questions about docstring cards)
+  stdlib_summaries  the built-in summarization pairs (docstring body -> summary)
+  squad           SQuAD v1.1 / v2.0 files: read, check, split
+  qa_windows      QA questions as windows of [CLS] question [SEP] context [SEP]
+  parallel_text   (source, target) pairs and their seq2seq batches
   user_corpus     text files, folders, globs and JSON Lines
   sources         a config string -> Corpus
   tokenizer       train / load / save tokenizers (Hugging Face `tokenizers`)
@@ -13,7 +18,7 @@ Modules, one concern each:
   order           deterministic, resumable, per-process batch order
   packing         documents joined into a separator-delimited stream
   masking         BERT's 80/10/10 masking of one sequence
-  causal, mlm, classification   the batch makers
+  causal, mlm, classification   the batch makers (qa_windows, parallel_text too)
 """
 
 from fusedlm.research.data.cache import TokenizedSplit, tokenize_corpus, tokenize_split

@@ -1,4 +1,10 @@
-"""Cache entries published atomically, and the leftovers of killed writers removed.
+"""Files and cache entries published atomically, and the leftovers of killed writers removed.
+
+`publish(path, data)` writes one file the way every run file and JSON output
+is written: into `<name>.<pid>.partial` beside it, flushed to disk (fsync),
+renamed over the old one, and the folder synced, so a kill at any moment
+leaves either the old file or the new one, whole; unchanged content is not
+rewritten at all.
 
 A cache entry (a tokenized split, a trained tokenizer) is written into
 `<entry>.<pid>.partial` and renamed into place when complete, so a reader
@@ -21,6 +27,41 @@ STALE_SECONDS = 600.0
 def partial_path(path: Path) -> Path:
   """Where this process writes `path` before publishing it."""
   return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
+def publish(path: str | os.PathLike, data: str | bytes) -> bool:
+  """Writes `data` (text is UTF-8) to `path` atomically and durably; returns
+  False, writing nothing, when the file already holds exactly that."""
+  path = Path(path)
+  raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+  try:
+    if path.is_file() and path.stat().st_size == len(raw) and path.read_bytes() == raw:
+      return False
+  except OSError:
+    pass  # unreadable: replace it
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = partial_path(path)
+  with open(partial, "wb") as f:
+    f.write(raw)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(partial, path)
+  _sync_folder(path.parent)
+  return True
+
+
+def _sync_folder(folder: Path) -> None:
+  """The rename itself reaches the disk (POSIX: fsync the directory)."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # some file systems cannot sync a directory
+  finally:
+    os.close(fd)
 
 
 def remove_stale(directory: Path, stale_seconds: float = STALE_SECONDS) -> list[Path]:

@@ -105,7 +105,7 @@ def build_classification(config, tokenizer) -> RunData:
   """The labelled task's train and validation batches, in the pretrained tokenizer."""
   if tokenizer is None:
     raise ValueError("a classification run keeps its pretrained model's tokenizer;"
-                     " none was given (research.finetune --init_from DIR).")
+                     " none was given (fusedlm finetune --init_from DIR).")
   train, validation, name = labelled_task(config.data)
   size = config.train.batch_size
   return RunData(tokenizer, _classification_batches(config, train, tokenizer, size),

@@ -53,6 +53,7 @@ import textwrap
 import tokenize
 from pathlib import Path
 
+from fusedlm.research.data import partials
 from fusedlm.research.data.corpus import Corpus, corpus_from_documents
 
 EXCLUDED_DIRS = frozenset({
@@ -102,9 +103,7 @@ def builtin_documents(cache_dir: str | Path | None = None) -> list[str]:
     return json.loads(path.read_text(encoding="utf-8"))
   docs = pydoc_topic_documents() + stdlib_module_documents()
   path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text(json.dumps(docs), encoding="utf-8")
-  os.replace(partial, path)  # Atomic: concurrent runs never read half a file.
+  partials.publish(path, json.dumps(docs))  # Atomic: concurrent runs never read half a file.
   return docs
 
 

@@ -101,6 +101,19 @@ class Tokenizer:
   def encode(self, text: str) -> np.ndarray:
     return self.encode_batch([text])[0]
 
+  def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids int32 [n], offsets int64 [n, 2]) of each text, without framing.
+
+    offsets[i] = (start, end) characters of `text` that token i came from, as
+    Hugging Face `tokenizers` tracks them through normalisation (lower-casing,
+    accent stripping): text[start:end] is the token's original spelling. A
+    byte-level token may include the space before a word, and the bytes of one
+    character share its offsets. Slower than encode_batch, which skips them.
+    """
+    encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
+    return [(np.asarray(e.ids, dtype=np.int32),
+             np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings]
+
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Text of `ids`; special tokens are kept by default so nothing is hidden."""
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -129,21 +142,25 @@ class Tokenizer:
     return table
 
   def save(self, directory: str | os.PathLike) -> Path:
-    """Writes tokenizer.json, tokenizer_config.json (and vocab.txt for WordPiece)."""
+    """Writes tokenizer.json, tokenizer_config.json (and vocab.txt for WordPiece).
+
+    Each file is published atomically and only if its content changed
+    (`partials.publish`): a kill mid-save leaves every file whole, and saving
+    the same tokenizer again writes nothing.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    self.hf.save(str(directory / "tokenizer.json"))
+    partials.publish(directory / "tokenizer.json", self.hf.to_str(pretty=True))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "fusedlm_kind": self.kind}
     config.update({f"{role}_token": token for role, token in self.roles.items()})
     normalizer = json.loads(self.hf.to_str()).get("normalizer") or {}
     if "lowercase" in normalizer:
       config["do_lower_case"] = normalizer["lowercase"]
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    partials.publish(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     ids = sorted(self._vocab.values())
     if self.kind == "wordpiece" and ids == list(range(len(ids))):
       by_id = sorted(self._vocab, key=self._vocab.__getitem__)
-      (directory / "vocab.txt").write_text("".join(token + "\n" for token in by_id),
-                                           encoding="utf-8")
+      partials.publish(directory / "vocab.txt", "".join(token + "\n" for token in by_id))
     return directory
 
 

@@ -1,6 +1,6 @@
 """Text generation from a decoder: batched, jitted, with the model's KV cache.
 
-  run = checkpoint.open_run("runs/tiny_gpt")
+  run = saved_run.open_run("runs/tiny_gpt")
   step, params = run.restore_params()
   tokens = generate(run.model_cfg, params, [np.array([5, 17, 2]), np.array([9])],
                     max_new_tokens=32, sampling=Sampling(temperature=0.8, top_k=40),
@@ -96,7 +96,7 @@ def check_request(
   if model_cfg.kind == "encoder_decoder":
     raise ValueError(
         "this is an encoder-decoder (seq2seq) checkpoint: it continues no prompt but"
-        " translates a source; use research.translate (seq2seq_decoding.translate_texts).")
+        " translates a source; use fusedlm translate (seq2seq_decoding.translate_texts).")
   if model_cfg.kind != "decoder":
     raise ValueError(
         "generation needs a decoder (causal LM) checkpoint; this one is an"
@@ -139,7 +139,7 @@ def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarra
 
 
 def generate_text(
-    run,  # a runs.checkpoint.SavedRun: its model_cfg and tokenizer
+    run,  # a runs.saved_run.SavedRun: its model_cfg and tokenizer
     params: Any,
     texts: Sequence[str],
     *,

@@ -1,7 +1,7 @@
 """Fill-mask: a masked-LM encoder's most likely tokens for each [MASK] in a text
 (the library of `fusedlm fill-mask`).
 
-  run = checkpoint.open_run("/tmp/tiny_bert")   # research.runs.checkpoint
+  run = saved_run.open_run("/tmp/tiny_bert")   # research.runs.checkpoint
   _, params = run.restore_params()
   for per_mask in fill_mask(run, params, ["The [MASK] sat."])[0]:
     print([(p.token, round(p.probability, 3)) for p in per_mask])
@@ -63,7 +63,7 @@ def fill_mask(run, params, texts: Sequence[str], top_k: int = 5,
   """The top_k predictions for every mask of every text.
 
   Args:
-    run: a `research.runs.checkpoint.SavedRun` of a masked-LM encoder.
+    run: a `research.runs.saved_run.SavedRun` of a masked-LM encoder.
     params: its parameter tree (`run.restore_params(step)[1]`).
     texts: texts holding the tokenizer's mask token at least once each.
     top_k: candidates per mask, 1 to the vocabulary size.

@@ -19,9 +19,18 @@ length_penalty >= 0 an unfinished one scores at most log p / lp(max_new_tokens).
 With length_penalty 0, beam_size 1 is greedy decoding, token for token. Scores
 returned are the model's log-probability of each output (end-of-text
 included), whatever the penalty.
+
+Two constraints, as summarizers decode (Paulus et al. 2018; Hugging Face's
+min_new_tokens and no_repeat_ngram_size), apply to every way of decoding:
+min_new_tokens forbids end-of-text before that many tokens, and
+no_repeat_ngram_size n forbids a token that would complete an n-gram the
+output already holds. A forbidden token gets probability 0; the others keep
+the model's log-probabilities (searching and scoring), or are renormalised
+(sampling).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -49,6 +58,8 @@ def translate_ids(
     pad_id: int = 0,
     beam_size: int | None = None,
     length_penalty: float = 0.0,
+    min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
     sampling: Sampling = Sampling(),
     seed: int = 0,
 ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -57,7 +68,8 @@ def translate_ids(
 
   Each source gets eos_id appended, as in training (research.data.parallel_text).
   beam_size None decodes by `sampling` (greedy by default); an int >= 1 runs
-  beam search with `length_penalty` (>= 0).
+  beam search with `length_penalty` (>= 0). min_new_tokens and
+  no_repeat_ngram_size (0 = off) constrain either (see the module docstring).
 
   Raises:
     ValueError: see `check_translation_request`.
@@ -65,6 +77,7 @@ def translate_ids(
   rows = check_translation_request(
       model_cfg, sources, max_new_tokens=max_new_tokens, start_id=start_id,
       eos_id=eos_id, pad_id=pad_id, beam_size=beam_size, length_penalty=length_penalty,
+      min_new_tokens=min_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
       sampling=sampling, seed=seed)
   width = max(len(row) for row in rows)
   # Round the source width up so that chunks of a corpus share one program.
@@ -74,8 +87,9 @@ def translate_ids(
   for b, row in enumerate(rows):
     source_ids[b, :len(row)] = row
   mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+  constraints = Constraints(min_new_tokens, no_repeat_ngram_size)
   run = _compiled_seq2seq(model_cfg, sampling, beam_size, float(length_penalty),
-                          max_new_tokens)
+                          max_new_tokens, constraints)
   tokens, scores = run(params, source_ids, mask, jax.random.key(seed),
                        np.int32(start_id), np.int32(eos_id), np.int32(pad_id))
   return [until_eos(row, eos_id) for row in np.asarray(tokens)], np.asarray(scores)
@@ -84,6 +98,7 @@ def translate_ids(
 def check_translation_request(
     model_cfg: ModelConfig, sources, *, max_new_tokens: int, start_id: int, eos_id: int,
     pad_id: int = 0, beam_size: int | None = None, length_penalty: float = 0.0,
+    min_new_tokens: int = 0, no_repeat_ngram_size: int = 0,
     sampling: Sampling = Sampling(), seed: int = 0,
 ) -> list[np.ndarray]:  # the sources as int32 [n_i + 1], end token appended
   """`translate_ids`' argument checks alone, to run before loading parameters.
@@ -92,8 +107,9 @@ def check_translation_request(
     ValueError: a model that is not an encoder-decoder, max_new_tokens < 1 or
       past the learned positions (the message says the limit), no sources, an
       empty source, a source (+ its end token) longer than the positions, a
-      token id outside the vocabulary, a bad beam size or length penalty, or
-      sampling together with beam search.
+      token id outside the vocabulary, a bad beam size or length penalty,
+      min_new_tokens outside [0, max_new_tokens], a negative
+      no_repeat_ngram_size, or sampling together with beam search.
   """
   if model_cfg.kind != "encoder_decoder":
     raise ValueError(f"translation needs an encoder-decoder checkpoint; this one is a"
@@ -116,6 +132,12 @@ def check_translation_request(
                        " temperature, not both.")
   if not isinstance(length_penalty, (int, float)) or not 0.0 <= length_penalty < 1e3:
     raise ValueError(f"length_penalty must be a number >= 0, got {length_penalty!r}.")
+  if not is_int(min_new_tokens) or not 0 <= min_new_tokens <= max_new_tokens:
+    raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens ="
+                     f" {max_new_tokens}], got {min_new_tokens!r}.")
+  if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+    raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got"
+                     f" {no_repeat_ngram_size!r}.")
   vocab = model_cfg.vocab_size
   for name, token in (("start_id", start_id), ("eos_id", eos_id), ("pad_id", pad_id)):
     if not is_int(token) or not 0 <= token < vocab:
@@ -152,7 +174,8 @@ def translate_texts(run, params: Any, texts: Sequence[str], *,
 
   Decodes in chunks of batch_size (the last chunk padded, so every chunk runs
   one compiled program). max_new_tokens None = the model's max_len. options:
-  beam_size, length_penalty, sampling, seed (see `translate_ids`).
+  beam_size, length_penalty, min_new_tokens, no_repeat_ngram_size, sampling,
+  seed (see `translate_ids`).
   """
   if isinstance(texts, str):
     raise ValueError(f"texts must be a list of strings, got the string {texts!r}.")
@@ -178,6 +201,46 @@ def translate_texts(run, params: Any, texts: Sequence[str], *,
   return texts_out, np.concatenate(scores)
 
 
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+  """What decoding may not produce (0 = no constraint)."""
+
+  min_new_tokens: int = 0  # end-of-text is forbidden before this many tokens
+  no_repeat_ngram_size: int = 0  # no n-gram of this size twice in an output
+
+  def apply(self, log_p, out, t, eos_id):
+    """log_p [rows, V] of the token at position t, with forbidden tokens at -inf.
+
+    out [rows, L] holds each row's tokens at positions < t (the rest unread).
+    """
+    if self.min_new_tokens:
+      log_p = log_p.at[:, eos_id].set(jnp.where(t < self.min_new_tokens, -jnp.inf,
+                                                log_p[:, eos_id]))
+    n = self.no_repeat_ngram_size
+    if n:
+      log_p = jnp.where(repeated_ngram_tokens(out, t, n, log_p.shape[-1]), -jnp.inf, log_p)
+    return log_p
+
+
+def repeated_ngram_tokens(out, t, n: int, vocab: int):
+  """bool [rows, vocab]: the tokens that, at position t, would complete an
+  n-gram that out[:, :t] already holds (its last n - 1 tokens seen before,
+  followed by that token)."""
+  rows, length = out.shape
+  if n < 1 or length < n:
+    return jnp.zeros((rows, vocab), jnp.bool_)
+  starts = length - n + 1  # candidate n-grams out[:, i:i + n]
+  seen = jnp.ones((rows, starts), jnp.bool_)
+  if n > 1:
+    prefix = lax.dynamic_slice_in_dim(out, jnp.maximum(t - n + 1, 0), n - 1, axis=1)
+    grams = jnp.stack([out[:, j:j + starts] for j in range(n - 1)], -1)  # [rows, starts, n-1]
+    seen = jnp.all(grams == prefix[:, None, :], axis=-1)
+  seen &= (jnp.arange(starts) + n - 1 < t)[None] & (t >= n - 1)  # whole n-gram before t
+  follower = out[:, n - 1:]  # [rows, starts]: the token that ended each n-gram
+  banned = jnp.zeros((rows, vocab), jnp.bool_)
+  return banned.at[jnp.arange(rows)[:, None], follower].max(seen)
+
+
 def length_penalty_of(length, alpha: float):
   """GNMT's lp(n) = ((5 + n) / 6) ** alpha; 1 for alpha 0."""
   return ((5.0 + length) / 6.0) ** alpha
@@ -185,7 +248,8 @@ def length_penalty_of(length, alpha: float):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_seq2seq(model_cfg: ModelConfig, sampling: Sampling, beam_size: int | None,
-                      length_penalty: float, max_new_tokens: int) -> Callable:
+                      length_penalty: float, max_new_tokens: int,
+                      constraints: Constraints = Constraints()) -> Callable:
   """The jitted encode + decoding loop (greedy / sampling, or beam search)."""
   model = models.build_model(model_cfg)
   steps = max_new_tokens
@@ -201,15 +265,18 @@ def _compiled_seq2seq(model_cfg: ModelConfig, sampling: Sampling, beam_size: int
   def by_sampling(params, source_ids, source_mask, key, start_id, eos_id, pad_id):
     logits, cache = start(params, source_ids, source_mask, start_id)
 
-    def choose(logits, t, done):  # -> token [B], its log-probability [B]
-      token = sample(logits, jax.random.fold_in(key, t), sampling)
+    def choose(logits, t, done, out):  # -> token [B], its log-probability [B]
+      model_log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+      allowed = constraints.apply(model_log_p, out, t, eos_id)
+      token = sample(allowed, jax.random.fold_in(key, t), sampling)
       token = jnp.where(done, pad_id, token)
-      log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], 1)[:, 0]
+      log_p = jnp.take_along_axis(model_log_p, token[:, None], 1)[:, 0]
       return token, jnp.where(done, 0.0, log_p)
 
     batch = source_ids.shape[0]
-    token, score = choose(logits[:, 0], 0, jnp.zeros((batch,), jnp.bool_))
-    out = jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token)
+    out = jnp.full((batch, steps), pad_id, jnp.int32)
+    token, score = choose(logits[:, 0], 0, jnp.zeros((batch,), jnp.bool_), out)
+    out = out.at[:, 0].set(token)
 
     def unfinished(state):
       t, _, _, _, _, done = state
@@ -218,7 +285,7 @@ def _compiled_seq2seq(model_cfg: ModelConfig, sampling: Sampling, beam_size: int
     def decode(state):
       t, token, cache, out, score, done = state
       logits, cache = step(params, token, cache)
-      token, log_p = choose(logits[:, 0], t, done)
+      token, log_p = choose(logits[:, 0], t, done, out)
       out = lax.dynamic_update_slice_in_dim(out, token[:, None], t, axis=1)
       return t + 1, token, cache, out, score + log_p, done | (token == eos_id)
 
@@ -248,7 +315,9 @@ def _compiled_seq2seq(model_cfg: ModelConfig, sampling: Sampling, beam_size: int
 
     def search(s):
       t = s["t"]
-      log_p = jax.nn.log_softmax(s["logits"].astype(jnp.float32)).reshape(batch, k, vocab)
+      log_p = constraints.apply(jax.nn.log_softmax(s["logits"].astype(jnp.float32)),
+                                s["alive"].reshape(batch * k, steps), t, eos_id)
+      log_p = log_p.reshape(batch, k, vocab)
       candidates = (s["alive_score"][:, :, None] + log_p).reshape(batch, k * vocab)
       score, index = lax.top_k(candidates, 2 * k)  # [B, 2k]: at most k end in eos
       beam, token = index // vocab, index % vocab

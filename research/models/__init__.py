@@ -4,11 +4,14 @@
   attention.py  multi-head / grouped-query self- and cross-attention through
                 kernels.dot_product_attention, rotary embeddings, the key/value cache
   layers.py     embeddings, the MLP and the one Transformer block all models share
-  encoder.py    BERT-style bidirectional encoder: MLM and NSP heads, classifier
+  encoder.py    BERT-style bidirectional encoder: MLM and NSP heads, classifier,
+                extractive-QA span head
   decoder.py    GPT-style causal decoder: tied LM head, prefill + cached decoding
   encoder_decoder.py  the original Transformer for seq2seq: encoder, decoder with
                 cross-attention, cached decoding with the source's keys kept
   hf_import.py  Hugging Face BERT / GPT-2 checkpoints -> (ModelConfig, params)
+  resolved_attention.py  what each attention of a model resolves to on this
+                backend ("auto" per call), for the commands' output
 
 This module turns a ModelConfig into a module and its parameters (how a model
 runs on a batch is the objective's: research.objectives):
@@ -50,9 +53,15 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, seq: int = 8) -> tuple:
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
-  """Freshly initialised parameters, in cfg.param_dtype."""
+  """Freshly initialised parameters, in cfg.param_dtype.
+
+  The parameters do not depend on the attention implementation, so init
+  traces the model with the XLA reference: initialising (and
+  `abstract_params`) needs no kernel, nor the device a kernel runs on.
+  """
   # Jitted: op-by-op initialisation of a whole model is many small compiles.
-  init = jax.jit(lambda rng: build_model(cfg).init(rng, *dummy_inputs(cfg)))
+  model = build_model(cfg.replace(attention="xla"))
+  init = jax.jit(lambda rng: model.init(rng, *dummy_inputs(cfg)))
   return init(rng)["params"]
 
 

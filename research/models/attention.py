@@ -21,6 +21,10 @@ Two modes, chosen by whether a cache is passed:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -198,16 +202,50 @@ class SelfAttention(nn.Module):
         variants["mask"] = (kv_positions[:, None, None, :]
                             >= positions[:, None, :, None] - reach)
     variants.update(_score_variants(self, deterministic))
-    out = kernels.dot_product_attention(
-        q, kv.keys, kv.values,
-        causal=mask.causal,
-        key_padding_mask=mask.key_padding_mask,
-        segment_ids=mask.segment_ids,
-        kv_segment_ids=mask.kv_segment_ids,
-        implementation=cfg.attention,
-        **variants,
-    )  # [B, T, H, D]
+    out = _attend(self, "self-attention", q, kv.keys, kv.values, mask, variants)
     return _output_projection(cfg, self.out_init_std)(out), kv
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+  """One attention call of a model, as `recording_attention_calls` saw it traced."""
+
+  path: str  # the layer's module path, e.g. "transformer/layer_0/attention"
+  kind: str  # "self-attention" | "cross-attention"
+  q_len: int
+  kv_len: int
+  resolution: kernels.Resolution  # the implementation it runs, and why
+
+
+_RECORDED: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "fusedlm_attention_calls", default=None)
+
+
+@contextlib.contextmanager
+def recording_attention_calls():
+  """Collects an `AttentionCall` per attention call traced inside, in call
+  order; the calls return zeros of the output's shape instead of running
+  (trace under jax.eval_shape: research.models.resolved_attention)."""
+  calls: list[AttentionCall] = []
+  token = _RECORDED.set(calls)
+  try:
+    yield calls
+  finally:
+    _RECORDED.reset(token)
+
+
+def _attend(module: nn.Module, kind: str, q, k, v, mask: AttentionMask, variants: dict):
+  """kernels.dot_product_attention with the config's implementation -> [B, T, H, Dv]."""
+  masks = dict(causal=mask.causal, key_padding_mask=mask.key_padding_mask,
+               segment_ids=mask.segment_ids, kv_segment_ids=mask.kv_segment_ids)
+  calls = _RECORDED.get()
+  if calls is not None:
+    calls.append(AttentionCall(
+        "/".join(module.path), kind, q.shape[1], k.shape[1],
+        kernels.explain_implementation(module.cfg.attention, q, k, v, **variants)))
+    return jnp.zeros(q.shape[:3] + v.shape[3:], q.dtype)
+  return kernels.dot_product_attention(
+      q, k, v, **masks, implementation=module.cfg.attention, **variants)
 
 
 def _score_variants(module: nn.Module, deterministic: bool | None) -> dict:
@@ -259,13 +297,8 @@ class CrossAttention(nn.Module):
       memory_kv = LayerCache(
           _heads_projection(cfg, cfg.kv_heads, "key")(memory),  # [B, S, Hkv, D]
           _heads_projection(cfg, cfg.kv_heads, "value")(memory))
-    out = kernels.dot_product_attention(
-        q, memory_kv.keys, memory_kv.values,
-        causal=False,  # every target position may read the whole source
-        key_padding_mask=mask.key_padding_mask,
-        segment_ids=mask.segment_ids,
-        kv_segment_ids=mask.kv_segment_ids,
-        implementation=cfg.attention,
-        **variants,
-    )  # [B, T, H, D]
+    # Not causal: every target position may read the whole source.
+    mask = mask.replace(causal=False)
+    out = _attend(self, "cross-attention", q, memory_kv.keys, memory_kv.values, mask,
+                  variants)  # [B, T, H, D]
     return _output_projection(cfg, self.out_init_std)(out), memory_kv

@@ -90,8 +90,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Rematerialise each block's activations in the backward pass (saves memory).
   remat: bool = False
-  # Attention implementation: "auto" (pallas on GPU, xla elsewhere), "pallas",
-  # "xla", "cudnn" or "mosaic" (Hopper; bfloat16/float16); see kernels.attention.
+  # Attention implementation: "auto" (per call: mosaic on a Hopper GPU where
+  # the kernel takes the call, pallas on other GPUs and for the rest, tpu on a
+  # TPU, xla elsewhere), "pallas", "xla", "cudnn", "mosaic" (Hopper;
+  # bfloat16/float16) or "tpu" (bfloat16/float32); see kernels.attention. The
+  # commands name what each layer resolved to.
   attention: str = "auto"
   # Classes of the sequence-classification head; 0 = no head. The encoder pools
   # the first token, the decoder the last real one.
@@ -102,6 +105,10 @@ class ModelConfig:
   mlm: bool = True
   # Encoder: build the next-sentence-prediction head (pooler + 2-way linear).
   nsp: bool = False
+  # Encoder: build the extractive-QA span head, a linear layer from every
+  # position's hidden state to its (start, end) logits (Devlin et al. 2019,
+  # section 4.2; Hugging Face's BertForQuestionAnswering qa_outputs).
+  span_head: bool = False
   # Encoder-decoder: one token table for the source, the target and the output
   # layer (Vaswani et al. 2017, section 3.4; T5), which needs one vocabulary
   # for both languages. False: the encoder has its own table; the output layer
@@ -156,7 +163,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"
                "relative_buckets", "relative_max_distance")
 _FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps",
                  "attention_soft_cap", "init_std")
-_BOOL_FIELDS = ("remat", "mlm", "nsp", "share_embeddings")
+_BOOL_FIELDS = ("remat", "mlm", "nsp", "span_head", "share_embeddings")
 _CHOICES = {
     "kind": KINDS,
     "position": POSITIONS,
@@ -233,6 +240,9 @@ def _validate(cfg: ModelConfig):
       ("sliding_window", cfg.sliding_window > 0),
       ("attention_soft_cap", cfg.attention_soft_cap > 0.0),
       ("position='relative'", cfg.position == "relative")) if on]
+  if cfg.attention == "tpu" and cfg.dtype == "float16":
+    raise ValueError("attention='tpu' takes dtype bfloat16 or float32 (TPUs have"
+                     " no float16 arithmetic).")
   if cfg.attention in ("cudnn", "mosaic") and variants:
     raise ValueError(
         f"attention={cfg.attention!r} does not take {', '.join(variants)}; use"
@@ -245,6 +255,9 @@ def _validate(cfg: ModelConfig):
   if cfg.kind != "encoder" and cfg.nsp:
     raise ValueError("nsp=True needs kind='encoder': the NSP head pools the"
                      " first token of a bidirectional encoder.")
+  if cfg.kind != "encoder" and cfg.span_head:
+    raise ValueError("span_head=True needs kind='encoder': extractive QA reads every"
+                     " position of a bidirectional encoder.")
   if cfg.kind == "encoder_decoder" and cfg.num_labels:
     raise ValueError("num_labels > 0 needs kind='encoder' or 'decoder': the"
                      " encoder-decoder has no classification head.")

@@ -6,6 +6,8 @@
   outputs["mlm_logits"]    [batch, seq, vocab]  f32   if cfg.mlm
   outputs["nsp_logits"]    [batch, 2]           f32   if cfg.nsp (0 = is next)
   outputs["class_logits"]  [batch, num_labels]  f32   if cfg.num_labels
+  outputs["span_logits"]   [batch, seq, 2]      f32   if cfg.span_head: start and
+                                                      end logits of each position
 
 With `mlm_positions` [batch, P] (int, P fixed; a slot >= seq is empty), the MLM
 head runs at those positions only, as the original BERT's gather_indexes does:
@@ -20,6 +22,7 @@ label.
 
 Heads as in Devlin et al. (2019) and Hugging Face's BertForPreTraining:
   MLM: Dense(hidden) -> GELU -> LayerNorm -> tied token embedding^T + bias.
+  Span (extractive QA): Dense(2) of every position's hidden state.
   Pooler: Dense(hidden) -> tanh on the first ([CLS]) token; NSP and
   classification read the pooled vector.
 """
@@ -85,6 +88,8 @@ class Encoder(nn.Module):
       self.nsp_head = dense(cfg, 2, "nsp_head", dtype=jnp.float32)
     if cfg.num_labels:
       self.classifier = ClassificationHead(cfg)
+    if cfg.span_head:
+      self.span_head = dense(cfg, 2, "span_head", dtype=jnp.float32)
 
   def __call__(
       self,
@@ -115,6 +120,8 @@ class Encoder(nn.Module):
       if cfg.num_labels:
         outputs["class_logits"] = self.classifier(
             pooled, deterministic=deterministic)
+    if cfg.span_head:
+      outputs["span_logits"] = self.span_head(hidden.astype(jnp.float32))
     return outputs
 
   def classify(
@@ -130,6 +137,19 @@ class Encoder(nn.Module):
     hidden = self._encode(input_ids, token_type_ids, padding_mask, deterministic)
     pooled = self.pooler(hidden).astype(jnp.float32)
     return self.classifier(pooled, deterministic=deterministic)
+
+  def span_logits(
+      self,
+      input_ids,  # [batch, seq] int32
+      token_type_ids=None,  # [batch, seq] int
+      padding_mask=None,  # [batch, seq] bool
+      *,
+      deterministic: bool = True,
+  ):  # -> [batch, seq, 2] float32: (start, end) logits, without the MLM logits
+    if not self.cfg.span_head:
+      raise ValueError("span_logits needs a config with span_head=True.")
+    hidden = self._encode(input_ids, token_type_ids, padding_mask, deterministic)
+    return self.span_head(hidden.astype(jnp.float32))
 
   def embed(self, input_ids, token_type_ids=None, deterministic: bool = True):
     """Token + position + token-type embeddings [batch, seq, hidden]."""

@@ -224,6 +224,15 @@ class _Tensors:
     self.missing.append(" or ".join(prefix + name for prefix in prefixes))
     return None
 
+  def check_shape(self, name: str, prefixes, value, expected: tuple[int, ...]):
+    """ValueError naming the tensor when its shape is not the one the config implies."""
+    if value is not None and tuple(value.shape) != tuple(expected):
+      found = next(prefix + name for prefix in prefixes if prefix + name in self.tensors)
+      raise ValueError(
+          f"{found} has shape {tuple(value.shape)} in {self.directory}, but its"
+          f" config.json (hidden_size, num_attention_heads, ...) implies"
+          f" {tuple(expected)}: the weights do not belong to this config.")
+
   def raise_if_missing(self, architecture: str):
     if self.missing:
       shown = ", ".join(self.missing[:20])
@@ -233,10 +242,18 @@ class _Tensors:
           f" model needs: {shown}{more}.")
 
 
-def _linear(tensors, name, prefixes, transpose: bool):
-  """{kernel [in, out], bias [out]} of a torch Linear (weight [out, in]) or Conv1D."""
+def _linear(tensors, name, prefixes, transpose: bool, shape: tuple[int, int] | None = None):
+  """{kernel [in, out], bias [out]} of a torch Linear (weight [out, in]) or Conv1D.
+
+  shape: the [in, out] the config implies; a tensor of another shape is
+  refused naming it, its shape in the file and the shape expected there.
+  """
   weight = tensors.get(name + ".weight", prefixes)
   bias = tensors.get(name + ".bias", prefixes)
+  if shape is not None:
+    stored = tuple(reversed(shape)) if transpose else tuple(shape)
+    tensors.check_shape(name + ".weight", prefixes, weight, stored)
+    tensors.check_shape(name + ".bias", prefixes, bias, (shape[1],))
   if weight is not None and transpose:
     weight = weight.T
   return {"kernel": weight, "bias": bias}
@@ -270,6 +287,7 @@ def _check_tied(tensors, decoder_name: str, embedding, what: str):
 
 def _bert_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
   trunk = ("bert.", "")  # BertModel saved alone has no "bert." prefix
+  width = cfg.hidden_size
   word = tensors.get("embeddings.word_embeddings.weight", trunk)
   params: dict[str, Any] = {
       "embeddings": {
@@ -286,17 +304,20 @@ def _bert_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
     layer = f"encoder.layer.{i}."
     attention = {
         proj: _split_heads(_linear(
-            tensors, f"{layer}attention.self.{proj}", trunk, True), cfg)
+            tensors, f"{layer}attention.self.{proj}", trunk, True, (width, width)), cfg)
         for proj in ("query", "key", "value")
     }
     attention["out"] = _split_heads(_linear(
-        tensors, f"{layer}attention.output.dense", trunk, True), cfg, output=True)
+        tensors, f"{layer}attention.output.dense", trunk, True, (width, width)), cfg,
+        output=True)
     params["transformer"][f"layer_{i}"] = {
         "attention": attention,
         "attention_norm": _norm(tensors, f"{layer}attention.output.LayerNorm", trunk),
         "mlp": {
-            "up": _linear(tensors, f"{layer}intermediate.dense", trunk, True),
-            "down": _linear(tensors, f"{layer}output.dense", trunk, True),
+            "up": _linear(tensors, f"{layer}intermediate.dense", trunk, True,
+                          (width, cfg.mlp_dim)),
+            "down": _linear(tensors, f"{layer}output.dense", trunk, True,
+                            (cfg.mlp_dim, width)),
         },
         "mlp_norm": _norm(tensors, f"{layer}output.LayerNorm", trunk),
     }
@@ -317,6 +338,7 @@ def _bert_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
 
 def _gpt2_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
   trunk = ("transformer.", "")
+  width = cfg.hidden_size
   wte = tensors.get("wte.weight", trunk)
   params: dict[str, Any] = {
       "embeddings": {
@@ -328,7 +350,7 @@ def _gpt2_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
   for i in range(cfg.num_layers):
     block = f"h.{i}."
     # GPT-2's Conv1D stores [in, out]: no transpose. c_attn fuses q, k, v.
-    fused = _linear(tensors, f"{block}attn.c_attn", trunk, False)
+    fused = _linear(tensors, f"{block}attn.c_attn", trunk, False, (width, 3 * width))
     attention = {}
     for j, proj in enumerate(("query", "key", "value")):
       part = {
@@ -337,13 +359,14 @@ def _gpt2_params(tensors: _Tensors, cfg: ModelConfig) -> dict:
       }
       attention[proj] = _split_heads(part, cfg)
     attention["out"] = _split_heads(_linear(
-        tensors, f"{block}attn.c_proj", trunk, False), cfg, output=True)
+        tensors, f"{block}attn.c_proj", trunk, False, (width, width)), cfg, output=True)
     params["transformer"][f"layer_{i}"] = {
         "attention": attention,
         "attention_norm": _norm(tensors, f"{block}ln_1", trunk),
         "mlp": {
-            "up": _linear(tensors, f"{block}mlp.c_fc", trunk, False),
-            "down": _linear(tensors, f"{block}mlp.c_proj", trunk, False),
+            "up": _linear(tensors, f"{block}mlp.c_fc", trunk, False, (width, cfg.mlp_dim)),
+            "down": _linear(tensors, f"{block}mlp.c_proj", trunk, False,
+                            (cfg.mlp_dim, width)),
         },
         "mlp_norm": _norm(tensors, f"{block}ln_2", trunk),
     }

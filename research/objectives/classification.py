@@ -1,5 +1,5 @@
 """Sequence classification: a pretrained encoder or decoder fine-tuned with a
-classification head (research.finetune)."""
+classification head (fusedlm finetune)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def model_config(config, vocab_size, pretrained=None, num_labels: int = 0):
   """
   if pretrained is None:
     raise ValueError("a classification config fine-tunes a pretrained model; none given"
-                     " (research.finetune --init_from DIR).")
+                     " (fusedlm finetune --init_from DIR).")
   if pretrained.vocab_size != vocab_size:
     raise ValueError(f"the tokenizer has {vocab_size} tokens but the pretrained model"
                      f" {pretrained.vocab_size}: the tokenizer is not the pretrained run's.")

@@ -14,7 +14,7 @@ class Objective:
 
   Attributes:
     name: the value of config.objective.
-    fine_tunes: starts from a pretrained run (research.finetune --init_from)
+    fine_tunes: starts from a pretrained run (fusedlm finetune --init_from)
       and has the fine-tuning config schema; False for pretraining.
     model_config: (config, vocab_size, pretrained=None, num_labels=0) ->
       ModelConfig; refuses a model this objective cannot train.
@@ -24,22 +24,27 @@ class Objective:
     train_data: (config, tokenizer | None) -> run_data.RunData.
     eval_data: (config, tokenizer, batch_size, data | None, label_names) ->
       (batch maker with eval_batches(), description): the run's validation
-      split, or other data named by `research.evaluate --data`.
+      split, or other data named by `fusedlm evaluate --data`.
     validate: (config) -> None; raises ValueError for settings this
       objective does not take.
     eval_sums: (outputs, batch) -> extra sums only evaluation needs, or None.
     report_keys: summary metrics the commands print, in order.
     count_unit: what the summary's `tokens` (the `count` sum) counts.
-    config_defaults: (pretraining defaults) -> ConfigDict: those extended
-      to every field of this objective's run config with its default, i.e.
-      its schema (research.run_config.defaults and validate); None = the
-      pretraining defaults as they are, or finetune_defaults() when
-      fine_tunes.
+    config_defaults: (pretraining defaults, or fine-tuning's when
+      fine_tunes) -> ConfigDict: those extended to every field of this
+      objective's run config with its default, i.e. its schema
+      (research.run_config.defaults / finetune_defaults and validate); None
+      = those defaults as they are.
     extra_evaluation: (saved run, params, eval batch maker, max_batches) ->
-      {"metrics": {...}, "outputs": {name: [line, ...]}} for what is not a
-      sum over batches (seq2seq: decode the split, score BLEU and chrF); None
-      = none. research.evaluate adds the metrics to its summary and writes
-      each output beside its JSON (step_<N>.<name>.txt).
+      {"metrics": {...}, "outputs": {name: [line, ...] or {...}}} for what is
+      not a sum over batches (seq2seq: decode the split, score BLEU and chrF;
+      qa: answer the questions, score exact match and F1); None = none.
+      fusedlm evaluate adds the metrics to its summary and writes each
+      output beside its JSON: a list one item a line (step_<N>.<name>.txt),
+      a dict as JSON (step_<N>.<name>.json).
+    text_scores: (hypotheses, references per hypothesis) -> metrics of
+      decoded text against references (seq2seq: BLEU and chrF;
+      summarization: ROUGE), for fusedlm translate --reference; None = none.
   """
 
   name: str
@@ -55,6 +60,7 @@ class Objective:
   count_unit: str = "tokens"
   config_defaults: Callable[[], Any] | None = None
   extra_evaluation: Callable[..., dict] | None = None
+  text_scores: Callable[..., dict] | None = None
 
 
 def pretraining_model_config(config, vocab_size: int, *, kind: str, **fixed):

@@ -11,10 +11,11 @@ with a parallel-text data section and the decoding settings):
   config.label_smoothing  spread over the vocabulary (Szegedy et al. 2016); 0.1
                           in Vaswani et al. 2017. Training only: evaluation
                           reports the plain cross-entropy and its perplexity
-  config.decode           beam_size, length_penalty, max_new_tokens of the
-                          BLEU evaluation (research.evaluate)
+  config.decode           beam_size, length_penalty, max_new_tokens,
+                          min_new_tokens, no_repeat_ngram_size of the BLEU
+                          evaluation (fusedlm evaluate) and fusedlm translate
 
-`research.evaluate` on a seq2seq run reports loss / perplexity / accuracy of
+`fusedlm evaluate` on a seq2seq run reports loss / perplexity / accuracy of
 the target tokens and then decodes the evaluation split: sacrebleu's corpus
 BLEU and chrF, against every reference of a source (a source translated
 several ways, as in Tatoeba, is decoded once and scored against all its
@@ -28,12 +29,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from fusedlm.research import data as data_lib
-from fusedlm.research.data import parallel_text, synthetic_translation
+from fusedlm.research.data import parallel_text, stdlib_summaries, synthetic_translation
 from fusedlm.research.inference import seq2seq_decoding
 from fusedlm.research.objectives.metrics import row_weights, safe_mean
 from fusedlm.research.objectives.objective import Objective, pretraining_model_config
 
 SYNTHETIC = "synthetic"
+# Built-in pair sets, by config.data.corpus name: nothing to download.
+BUILT_IN = {SYNTHETIC: synthetic_translation.synthetic_pairs,
+            stdlib_summaries.NAME: stdlib_summaries.summary_pairs}
 
 
 def extend_defaults(config):
@@ -61,6 +65,8 @@ def extend_defaults(config):
   config.decode.beam_size = 4  # 0 = greedy decoding
   config.decode.length_penalty = 0.6  # GNMT's alpha (Wu et al. 2016)
   config.decode.max_new_tokens = 0  # 0 = the model's max_len
+  config.decode.min_new_tokens = 0  # no end-of-text before this many tokens
+  config.decode.no_repeat_ngram_size = 0  # > 0: no n-gram of this size twice; 0 = off
   return config
 
 
@@ -111,9 +117,8 @@ def _pairs(d, corpus: str, target_file: str) -> parallel_text.ParallelText:
 def pairs_of(config) -> tuple[parallel_text.ParallelText, parallel_text.ParallelText]:
   """(train, validation) pairs of config.data."""
   d = config.data
-  if d.corpus == SYNTHETIC:
-    return parallel_text.split_pairs(synthetic_translation.synthetic_pairs(),
-                                     d.validation_fraction)
+  if d.corpus in BUILT_IN:
+    return parallel_text.split_pairs(BUILT_IN[d.corpus](), d.validation_fraction)
   train = _pairs(d, d.corpus, d.target_file)
   if d.validation:
     return train, _pairs(d, d.validation, d.validation_target_file)
@@ -147,14 +152,13 @@ def train_data(config, tokenizer):
 def eval_data(config, tokenizer, batch_size: int, data: str | None = None,
               label_names=None):
   """(batch maker, description): the validation split, or a pairs file `data`
-  read with the run's fields ("synthetic": the built-in task's validation)."""
+  read with the run's fields (a BUILT_IN name: that task's validation split)."""
   del label_names
   if data is None:
     _, pairs = pairs_of(config)
     what = f"{pairs.name} validation split"
-  elif data == SYNTHETIC:
-    _, pairs = parallel_text.split_pairs(synthetic_translation.synthetic_pairs(),
-                                         config.data.validation_fraction)
+  elif data in BUILT_IN:
+    _, pairs = parallel_text.split_pairs(BUILT_IN[data](), config.data.validation_fraction)
     what = f"{pairs.name} validation split"
   else:
     pairs = _pairs(config.data, data, "")
@@ -178,31 +182,50 @@ def corpus_scores(hypotheses: list[str], references: list[list[str]]) -> dict:
 
 
 def decode_settings(config) -> dict:
-  """translate_texts' options from config.decode."""
-  beam = config.decode.beam_size
+  """translate_texts' options from config.decode (a run saved before a field
+  existed decodes without it)."""
+  decode = config.decode
+  beam = decode.beam_size
   return dict(beam_size=beam if beam > 0 else None,
-              length_penalty=float(config.decode.length_penalty) if beam > 0 else 0.0,
-              max_new_tokens=config.decode.max_new_tokens or None)
+              length_penalty=float(decode.length_penalty) if beam > 0 else 0.0,
+              max_new_tokens=decode.max_new_tokens or None,
+              min_new_tokens=decode.get("min_new_tokens", 0),
+              no_repeat_ngram_size=decode.get("no_repeat_ngram_size", 0))
 
 
-def extra_evaluation(run, params, batches: parallel_text.Seq2SeqBatches,
-                     max_batches: int | None = None) -> dict:
-  """Decodes every distinct source of the evaluation pairs (the first
-  max_batches * batch_size pairs with max_batches) and scores BLEU / chrF."""
-  pairs, batch_size = batches.pairs, batches.batch_size
-  limit = len(pairs) if max_batches is None else min(len(pairs), max_batches * batch_size)
-  by_source: dict[str, list[str]] = {}
-  for source, target in zip(pairs.sources[:limit], pairs.targets[:limit]):
-    by_source.setdefault(source, []).append(target)
-  sources = list(by_source)
-  settings = decode_settings(run.config)
-  hypotheses, _ = seq2seq_decoding.translate_texts(run, params, sources, batch_size=batch_size,
-                                           **settings)
-  metrics = corpus_scores(hypotheses, list(by_source.values()))
-  metrics["decoding"] = (f"beam {settings['beam_size']}, length penalty"
-                         f" {settings['length_penalty']}" if settings["beam_size"]
-                         else "greedy")
-  return {"metrics": metrics, "outputs": {"hypotheses": hypotheses}}
+def describe_decoding(settings: dict) -> str:
+  """'beam 4, length penalty 0.6[, at least N tokens][, no repeated 3-grams]'."""
+  text = (f"beam {settings['beam_size']}, length penalty {settings['length_penalty']}"
+          if settings["beam_size"] else "greedy")
+  if settings.get("min_new_tokens"):
+    text += f", at least {settings['min_new_tokens']} tokens"
+  if settings.get("no_repeat_ngram_size"):
+    text += f", no repeated {settings['no_repeat_ngram_size']}-grams"
+  return text
+
+
+def decoding_evaluation(score):
+  """An extra_evaluation that decodes the split and scores it with
+  score(hypotheses, references per hypothesis) -> metrics."""
+
+  def extra_evaluation(run, params, batches: parallel_text.Seq2SeqBatches,
+                       max_batches: int | None = None) -> dict:
+    """Decodes every distinct source of the evaluation pairs (the first
+    max_batches * batch_size pairs with max_batches) and scores the outputs
+    against all of that source's targets."""
+    pairs, batch_size = batches.pairs, batches.batch_size
+    limit = len(pairs) if max_batches is None else min(len(pairs), max_batches * batch_size)
+    by_source: dict[str, list[str]] = {}
+    for source, target in zip(pairs.sources[:limit], pairs.targets[:limit]):
+      by_source.setdefault(source, []).append(target)
+    settings = decode_settings(run.config)
+    hypotheses, _ = seq2seq_decoding.translate_texts(
+        run, params, list(by_source), batch_size=batch_size, **settings)
+    metrics = score(hypotheses, list(by_source.values()))
+    metrics["decoding"] = describe_decoding(settings)
+    return {"metrics": metrics, "outputs": {"hypotheses": hypotheses}}
+
+  return extra_evaluation
 
 
 def model_config(config, vocab_size, pretrained=None, num_labels: int = 0):
@@ -223,11 +246,16 @@ def _validate(config) -> None:
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f"config.label_smoothing must be in [0, 1), got"
                      f" {config.label_smoothing}.")
-  if d.target_file and d.corpus == SYNTHETIC:
+  if d.target_file and d.corpus in BUILT_IN:
     raise ValueError("config.data.target_file goes with a source-side text file, not"
-                     " the built-in synthetic task.")
-  if config.decode.beam_size < 0 or config.decode.length_penalty < 0:
-    raise ValueError("config.decode.beam_size and .length_penalty must be >= 0.")
+                     f" the built-in task {d.corpus!r}.")
+  decode = config.decode
+  for key in ("beam_size", "length_penalty", "min_new_tokens", "no_repeat_ngram_size"):
+    if decode[key] < 0:
+      raise ValueError(f"config.decode.{key} must be >= 0, got {decode[key]}.")
+  if decode.max_new_tokens and decode.min_new_tokens > decode.max_new_tokens:
+    raise ValueError(f"config.decode.min_new_tokens ({decode.min_new_tokens}) exceeds"
+                     f" max_new_tokens ({decode.max_new_tokens}).")
 
 
 OBJECTIVE = Objective(
@@ -241,5 +269,6 @@ OBJECTIVE = Objective(
     validate=_validate,
     report_keys=("loss", "perplexity", "accuracy", "bleu", "chrf"),
     config_defaults=extend_defaults,
-    extra_evaluation=extra_evaluation,
+    extra_evaluation=decoding_evaluation(corpus_scores),
+    text_scores=corpus_scores,
 )

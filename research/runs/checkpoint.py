@@ -1,61 +1,38 @@
-"""Run folders: writing and reading config.json, the tokenizer and the checkpoints.
+"""Training's checkpoints: Orbax saves that are checksummed, pruned safely and restored.
 
-Workdir layout (self-contained):
-  DIR/config.json          the run config (JSON) plus the resolved ModelConfig
-                           (and a classifier's label names); guards resumes
-  DIR/tokenizer/           Tokenizer.save: the exact tokenizer of the run
-  DIR/checkpoints/<step>/  Orbax checkpoints of the TrainState (step, params,
-                           optimizer state, dropout RNG); the data position is
-                           the step, since batch(step) is a pure function
-
-Two users, one restore (`restore_tree`, an Orbax PyTreeRestore):
-  * training (`Checkpointer`) saves every N steps, keeps the newest K and
-    restores the whole TrainState to resume exactly;
-  * everything that reopens a finished run (`open_run` -> `SavedRun`) reads
-    only the `params` subtree (a partial restore), so the optimizer state is
-    never loaded and a checkpoint written by any optimizer, on any number of
-    devices, restores the same way, through a read-only manager that cannot
-    change or delete a checkpoint.
+`Checkpointer` saves the TrainState every N steps (async if asked), keeps the
+newest K and restores the whole state to resume exactly, falling back past a
+damaged step; `restore_tree` is the one restore (an Orbax PyTreeRestore),
+whole or partial; `restore_params` reads only the `params` subtree, through a
+read-only manager that cannot change or delete a checkpoint (what
+`runs.saved_run` uses to reopen a finished run).
 
 Orbax writes each step to "<step>.orbax-checkpoint-tmp-*" and renames it when
 complete; listings skip such temporaries, so an interrupted save is never the
-one restored.
-
-  run = open_run("runs/tiny_gpt")            # config.json, tokenizer/, checkpoints/
-  step, params = run.restore_params()        # newest step; parameters only
-  model = models.build_model(run.model_cfg)
+one restored. The run files beside the checkpoints (config.json, tokenizer/)
+are `runs.run_files`'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fusedlm.research import models, run_config
-from fusedlm.research.data import Tokenizer, load_tokenizer
+from fusedlm.research import models
 from fusedlm.research.models.config import ModelConfig
 from fusedlm.research.runs import checksums, parallel
 
-CONFIG_FILE = "config.json"
-TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
-# Keys config.json holds beside the run config: the ModelConfig the
-# checkpoints were written for, and a classifier's label names (label i).
-RESOLVED_MODEL = "resolved_model"
-RESOLVED_LABELS = "resolved_label_names"
+STATE_DIGESTS = "state_sha256"  # the extra item's leaf checksums (checksums.leaf_digests)
 
 
 class NonFiniteStateError(FloatingPointError):
@@ -103,7 +80,9 @@ class Checkpointer:
     """Saves host_state (numpy leaves) at `step` when due (or forced).
 
     extra: a small JSON record saved beside the state (the trainer's partial
-    log window). NonFiniteStateError if any value of the state is NaN or Inf.
+    log window); the SHA-256 of every leaf joins it (checksums.leaf_digests),
+    committed with the arrays. NonFiniteStateError if any value of the state
+    is NaN or Inf.
     """
     bad = _non_finite_leaves(host_state)
     if bad:
@@ -113,8 +92,10 @@ class Checkpointer:
           f" in {self.directory}.")
     self.finish()  # the previous async save: checksums, then keep-N
     return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(host_state),
-                                      extra=ocp.args.JsonSave(extra or {})),
+        step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(host_state),
+            extra=ocp.args.JsonSave({**(extra or {}),
+                                     STATE_DIGESTS: checksums.leaf_digests(host_state)})),
         force=force)
 
   def newest_intact_label(self) -> str:
@@ -137,7 +118,9 @@ class Checkpointer:
     damaged = []
     for step in reversed(self.all_steps()):
       try:
+        extra = self._extra(step)
         state = restore_tree(self.manager, step, abstract_state)
+        checksums.check_leaves(state, extra.get(STATE_DIGESTS), self.directory / str(step))
         bad = _non_finite_leaves(state)
         if bad:
           raise checksums.DamagedCheckpointError(
@@ -154,7 +137,7 @@ class Checkpointer:
           print(f"{e}; moved it to {aside.name} and falling back to the next newest"
                 " checkpoint", file=sys.stderr)
         continue
-      return step, state, self._extra(step)
+      return step, state, extra
     if damaged:
       raise ValueError(f"every checkpoint in {self.directory} is damaged (steps"
                        f" {sorted(damaged)}, moved aside); refusing to start over silently."
@@ -162,10 +145,7 @@ class Checkpointer:
     return None
 
   def _extra(self, step: int) -> dict:
-    if not (self.directory / str(step) / "extra").is_dir():
-      return {}  # written before the trainer saved one
-    return dict(self.manager.restore(
-        step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"])
+    return read_extra(self.manager, step)
 
   def finish(self):
     """Waits for a save in flight, checksums finished steps, prunes to `keep`."""
@@ -229,6 +209,10 @@ def restore_tree(manager: ocp.CheckpointManager, step: int, target, *,
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=partial)))
   except Exception as e:  # Orbax raises several types for missing files and trees.
+    if "DATA_LOSS" in str(e):  # the storage layer's own checksums (OCDBT's CRC-32C)
+      raise checksums.DamagedCheckpointError(
+          f"checkpoint {path} is damaged: its storage reports lost or changed data"
+          f" ({str(e).splitlines()[0][:300]})") from e
     raise ValueError(f"cannot restore checkpoint {path}: it is incomplete or does not"
                      f" fit the config ({type(e).__name__}: {e})") from e
   state = restored["state"]
@@ -252,183 +236,6 @@ def check_shapes(restored, abstract_state):
     raise ValueError("checkpoint does not fit the config: " + "; ".join(bad[:10]))
 
 
-def write_run_files(workdir, config, tokenizer, model_cfg_dict: dict,
-                    label_names=None) -> None:
-  """config.json (+ the resolved ModelConfig and labels) and tokenizer/ beside the checkpoints."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  record = {**config.to_dict(), RESOLVED_MODEL: model_cfg_dict}
-  if label_names is not None:
-    record[RESOLVED_LABELS] = list(label_names)
-  path = workdir / CONFIG_FILE
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text(run_config.to_json(record))
-  os.replace(partial, path)  # a reader never sees half a config
-  tokenizer.save(workdir / TOKENIZER_DIR)
-
-
-# Fields that change which tokens batch(step) holds: a resume with any of them
-# changed would silently train on other data than the checkpoint's run.
-DATA_FIELDS = ("data.corpus", "data.tokenizer", "data.vocab_size", "data.seq_len",
-               "data.mask_prob", "data.whole_word_masking", "data.task",
-               "data.validation", "data.validation_fraction", "data.text_field",
-               "data.text_pair_field", "data.label_field", "data.target_file",
-               "data.source_field", "data.target_field", "data.header", "data.too_long",
-               "data.packing", "data.validation_target_file", "train.batch_size",
-               "train.seed", "nsp", "objective", "optimizer.accumulation_steps")
-
-
-def check_resumable(workdir, config, model_cfg_dict: dict, *,
-                    allow_data_change: bool = False) -> None:
-  """Refuses to resume when the saved model or the data the batches come from
-  differ from the current config; names every differing field.
-
-  The saved config.json holds the resolved ModelConfig under RESOLVED_MODEL;
-  data changes pass with allow_data_change (research.train --allow_data_change).
-  """
-  path = Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    return
-  saved = read_config_json(path)
-  saved_model = saved.get(RESOLVED_MODEL)
-  # A field added to ModelConfig since the run was saved holds its default there.
-  current_model = ModelConfig.from_dict(model_cfg_dict).to_dict()
-  saved_model = (ModelConfig.from_dict(saved_model).to_dict() if saved_model is not None
-                 else current_model)
-  diffs = run_config.diff_model(saved_model, current_model)
-  if diffs:
-    raise ValueError(
-        f"the checkpoint in {workdir} was written for a different model; refusing"
-        " to resume. Differing model fields (saved -> current): " + "; ".join(diffs)
-        + ". Use a new --workdir or restore the config.")
-  current = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  changed = []
-  for field in DATA_FIELDS:
-    old, new = _lookup(saved, field), _lookup(current, field)
-    if old is not _MISSING and new is not _MISSING and old != new:
-      changed.append(f"{field}: {old!r} -> {new!r}")
-  if changed and not allow_data_change:
-    raise ValueError(
-        f"resuming {workdir} with different data would not continue the same run:"
-        f" {'; '.join(changed)}. Restore those fields, use a new --workdir, or pass"
-        " --allow_data_change to resume anyway.")
-
-
-_MISSING = object()
-
-
-def _lookup(tree: dict, dotted: str):
-  for key in dotted.split("."):
-    if not isinstance(tree, dict) or key not in tree:
-      return _MISSING
-    tree = tree[key]
-  return tree
-
-
-def read_config_json(path: Path) -> dict:
-  """config.json as a dict; ValueError naming the file when it is not JSON."""
-  try:
-    return json.loads(Path(path).read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON (truncated or edited by hand?): {e}") from e
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedRun:
-  """What a workdir holds.
-
-  Attributes:
-    workdir: the run's folder (absolute).
-    config: the run config as config.json recorded it (resolved keys removed).
-    model_cfg: the exact ModelConfig the checkpoints were written for.
-    tokenizer: the run's own tokenizer.
-    label_names: class names of a fine-tuned classifier (label i is
-      label_names[i]); None for a pretraining run.
-    steps: steps with a checkpoint, ascending.
-  """
-
-  workdir: Path
-  config: ml_collections.ConfigDict
-  model_cfg: ModelConfig
-  tokenizer: Tokenizer
-  label_names: tuple[str, ...] | None
-  steps: tuple[int, ...]
-
-  @property
-  def objective(self) -> str:
-    return self.config.objective
-
-  @property
-  def checkpoint_dir(self) -> Path:
-    return self.workdir / CHECKPOINT_DIR
-
-  def resolve_step(self, step: int | None = None) -> int:
-    """`step`, or the newest one; ValueError listing the steps that exist."""
-    if not self.steps:
-      raise ValueError(f"{self.checkpoint_dir} holds no complete checkpoint"
-                       f"{_incomplete_note(self.checkpoint_dir)}; train first"
-                       " (research.train writes one every checkpoint.every steps).")
-    if step is None:
-      return self.steps[-1]
-    if step not in self.steps:
-      raise ValueError(f"no checkpoint at step {step} in {self.checkpoint_dir}; the"
-                       f" complete checkpoints are at steps {list(self.steps)}"
-                       f"{_incomplete_note(self.checkpoint_dir)}.")
-    return step
-
-  def restore_params(self, step: int | None = None) -> tuple[int, Any]:
-    """(step, the parameter tree as numpy arrays on the host).
-
-    Raises:
-      ValueError: no such step, or a checkpoint that is incomplete or does not
-        fit config.json's model (each differing leaf named).
-    """
-    step = self.resolve_step(step)
-    try:
-      return step, restore_params(self.checkpoint_dir, step, self.model_cfg)
-    except ValueError as e:
-      others = [s for s in self.steps if s != step]
-      raise ValueError(f"{e}. Other checkpoints in {self.checkpoint_dir}: steps"
-                       f" {others or 'none'}.") from e
-
-
-def open_run(workdir: str | os.PathLike) -> SavedRun:
-  """Reads a workdir's config.json, tokenizer and checkpoint list (no arrays).
-
-  Raises:
-    FileNotFoundError: no such folder, or one without config.json / tokenizer/.
-    ValueError: a config.json without the resolved model (not written by
-      research.train or research.finetune).
-  """
-  workdir = Path(workdir).absolute()
-  if not workdir.is_dir():
-    raise FileNotFoundError(f"no run folder at {workdir}")
-  config_path = workdir / CONFIG_FILE
-  if not config_path.is_file():
-    raise FileNotFoundError(
-        f"{workdir} has no {CONFIG_FILE}: not a fusedlm workdir (research.train"
-        f" writes {CONFIG_FILE}, {TOKENIZER_DIR}/ and"
-        f" {CHECKPOINT_DIR}/ there).")
-  record = read_config_json(config_path)
-  model_dict = record.pop(RESOLVED_MODEL, None)
-  if model_dict is None:
-    raise ValueError(f"{config_path} lacks {RESOLVED_MODEL!r}, the model the checkpoints"
-                     " were written for; was it written by research.train?")
-  labels = record.pop(RESOLVED_LABELS, None)
-  tokenizer_dir = workdir / TOKENIZER_DIR
-  if not tokenizer_dir.is_dir():
-    raise FileNotFoundError(f"{workdir} has no {TOKENIZER_DIR}/ folder: the run's"
-                            " tokenizer is needed to read and write text.")
-  return SavedRun(
-      workdir=workdir,
-      config=ml_collections.ConfigDict(record),
-      model_cfg=ModelConfig.from_dict(model_dict),
-      tokenizer=load_tokenizer(tokenizer_dir),
-      label_names=tuple(labels) if labels is not None else None,
-      steps=checkpoint_steps(workdir / CHECKPOINT_DIR),
-  )
-
-
 def checkpoint_steps(directory: Path) -> tuple[int, ...]:
   """Steps of the finished checkpoints in `directory` (Orbax skips temporaries)."""
   if not directory.is_dir():
@@ -437,17 +244,35 @@ def checkpoint_steps(directory: Path) -> tuple[int, ...]:
     return tuple(sorted(manager.all_steps()))
 
 
+def read_extra(manager: ocp.CheckpointManager, step: int) -> dict:
+  """A step's JSON item ({} for one saved before the trainer wrote one);
+  DamagedCheckpointError when it is unreadable."""
+  path = Path(manager.directory) / str(step)
+  if not (path / "extra").is_dir():
+    return {}
+  try:
+    return dict(manager.restore(
+        step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"])
+  except Exception as e:  # Orbax wraps the JSON error in several types
+    raise checksums.DamagedCheckpointError(
+        f"checkpoint {path} is damaged: its extra record is unreadable"
+        f" ({type(e).__name__}: {e})") from e
+
+
 def restore_params(directory: Path, step: int, model_cfg: ModelConfig):
-  """The `params` subtree of the TrainState saved at `step`, as numpy arrays."""
+  """The `params` subtree of the TrainState saved at `step`, as numpy arrays,
+  checked against the leaf checksums saved with it."""
   item = {"params": models.abstract_params(model_cfg)}
   try:
     with _read_only_manager(directory) as manager:
-      return restore_tree(manager, step, item, partial=True)["params"]
+      digests = read_extra(manager, step).get(STATE_DIGESTS)
+      params = restore_tree(manager, step, item, partial=True)
+      checksums.check_leaves(params, digests, Path(directory) / str(step))
+      return params["params"]
   except checksums.DamagedCheckpointError:
     raise
   except ValueError as e:
-    raise ValueError(f"{e}; the model is the one in"
-                     f" {directory.parent / CONFIG_FILE}") from e
+    raise ValueError(f"{e}; the model is the one in {directory.parent}'s config.json") from e
 
 
 @contextlib.contextmanager
@@ -469,7 +294,7 @@ def _read_only_manager(directory: Path):
     manager.close()
 
 
-def _incomplete_note(directory: Path) -> str:
+def incomplete_note(directory: Path) -> str:
   """' (unfinished saves: ...)' when interrupted temporaries lie in `directory`."""
   if not directory.is_dir():
     return f" ({directory} does not exist)"

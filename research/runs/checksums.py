@@ -8,6 +8,13 @@ in `<step>/fusedlm_checksums.json` (written atomically), and `verify` compares
 them before any restore. A checkpoint written before manifests existed
 verifies as "unverified" rather than failing.
 
+The manifest is written once the asynchronous save is done, so a kill can
+leave the newest step without one. The arrays themselves are therefore
+checksummed too, before the save, into the step's own JSON item (committed
+with the arrays in Orbax's one rename): `leaf_digests` records the SHA-256 of
+every leaf's bytes and `check_leaves` compares the restored arrays with them,
+so a changed byte is found whether or not the step has a manifest.
+
   write_manifest(Path("runs/x/checkpoints/300"))
   verify(Path("runs/x/checkpoints/300"))   # DamagedCheckpointError if changed
 """
@@ -16,8 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+import jax
+import numpy as np
+
+from fusedlm.research.data import partials
 
 MANIFEST = "fusedlm_checksums.json"
 _CHUNK = 1 << 22
@@ -49,9 +60,7 @@ def write_manifest(step_dir: Path) -> None:
   step_dir = Path(step_dir)
   record = {str(p.relative_to(step_dir)): [p.stat().st_size, _digest(p)]
             for p in _files(step_dir)}
-  partial = step_dir / f"{MANIFEST}.{os.getpid()}.partial"
-  partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-  os.replace(partial, step_dir / MANIFEST)
+  partials.publish(step_dir / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def verify(step_dir: Path) -> bool:
@@ -79,3 +88,43 @@ def verify(step_dir: Path) -> bool:
     raise DamagedCheckpointError(
         f"checkpoint {step_dir} is damaged or incomplete: {'; '.join(bad[:5])}{more}")
   return True
+
+
+def _leaf_name(path) -> str:
+  """A tree path as "params/layer_0/kernel", the same for a TrainState and the
+  {"params": ...} dict of a partial restore."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def _leaf_digest(leaf) -> str:
+  array = np.ascontiguousarray(np.asarray(leaf))
+  return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+
+
+def leaf_digests(tree) -> dict[str, str]:
+  """{leaf name: SHA-256 of its bytes} of a host tree (numpy leaves)."""
+  return {_leaf_name(path): _leaf_digest(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_leaves(tree, digests: dict[str, str] | None, where: Path) -> None:
+  """DamagedCheckpointError naming the leaves of a restored `tree` whose bytes
+  differ from `digests` (leaves it lacks are not checked; None: a step saved
+  before digests were recorded, unchecked)."""
+  if digests is None:
+    return
+  bad = [name for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+         if (name := _leaf_name(path)) in digests and _leaf_digest(leaf) != digests[name]]
+  if bad:
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise DamagedCheckpointError(
+        f"checkpoint {where} is damaged: the restored values of {', '.join(bad[:5])}{more}"
+        " differ from the checksums recorded when it was saved")

@@ -1,6 +1,6 @@
 """What the research commands add to the shared command-line convention
 (`kernels.bench.command_line`): config-file and override errors as one line,
-the multi-process flags, and JSON written atomically.
+the multi-process flags, and JSON and text outputs written atomically.
 
   def main(argv=None):
     command_line.run("fusedlm evaluate", define_flags, _main, argv, doc=__doc__)
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +22,9 @@ from typing import Callable, Sequence
 from absl import flags
 
 from fusedlm.kernels.bench import command_line as base
+from fusedlm.research.data import partials
 from fusedlm.research.runs import parallel
+from fusedlm.research.training import eval_loop
 
 USAGE_ERROR = base.USAGE_ERROR
 _ERRNO = re.compile(r"^\[Errno \d+\] ")
@@ -53,13 +54,16 @@ def _load_config(f: flags.FlagValues) -> None:
     raise ValueError(config_error(e)) from e
 
 
-def define_config_flag(fv: flags.FlagValues, help_text: str) -> None:
+def define_config_flag(fv: flags.FlagValues, help_text: str,
+                       default: str | None = None) -> None:
   """--config: an experiment file, `path.py` or `path.py:runlocal`, locked so that
-  a `--config.x=...` typo is an error rather than a new field."""
+  a `--config.x=...` typo is an error rather than a new field; required
+  unless a default file is given."""
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv,
+  config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv,
                                   lock_config=True)
-  flags.mark_flag_as_required("config", flag_values=fv)
+  if default is None:
+    flags.mark_flag_as_required("config", flag_values=fv)
 
 
 def config_error(error: Exception) -> str:
@@ -130,8 +134,47 @@ def start_distributed(f: flags.FlagValues) -> None:
 def write_json(record, path) -> Path:
   """Writes `record` as JSON to `path` atomically: a reader never sees half a file."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-  os.replace(partial, path)
+  partials.publish(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
   return path
+
+
+def write_lines(lines, path) -> Path:
+  """One line each (newlines inside a line become spaces), atomically."""
+  partials.publish(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
+  return Path(path)
+
+
+def write_evaluation(result: dict, path) -> list[Path]:
+  """An evaluation record (research.training.eval_loop.evaluate_run) as JSON at
+  `path`, and each of its "outputs" beside it: a list one item a line in
+  <path stem>.<name>.txt, a dict as JSON in <path stem>.<name>.json (e.g.
+  SQuAD's predictions.json). Returns the paths, the record's first."""
+  path = Path(path)
+  outputs = result.pop("outputs", {})
+  written = [write_json(result, path)]
+  for name, value in outputs.items():
+    if isinstance(value, dict):
+      written.append(write_json(value, path.with_suffix(f".{name}.json")))
+    else:
+      written.append(write_lines(value, path.with_suffix(f".{name}.txt")))
+  return written
+
+
+EVAL_DIR = "eval"
+
+
+def evaluation_path(workdir, step: int, data: str | None = None) -> Path:
+  """DIR/eval/step_<N>.json, or step_<N>-<data name>.json for other data."""
+  suffix = ""
+  if data is not None:
+    suffix = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name.replace("*", "all"))
+  return Path(workdir) / EVAL_DIR / f"step_{step}{suffix}.json"
+
+
+def format_evaluation(result: dict) -> str:
+  """An evaluation record's headline and its objective's metrics, rounded and labelled."""
+  m = result["metrics"]
+  return (f"{result['workdir']} step {result['step']} ({result['objective']}) on"
+          f" {result['data']}, {m['batches']} batches:\n  "
+          + eval_loop.format_summary(m, result["objective"])
+          + "".join("\n" + line for line in result.get("attention", [])))

@@ -1,20 +1,22 @@
-"""Run logs: a one-line progress display, metrics.jsonl, TensorBoard, MFU.
+"""Run logs: progress lines, metrics.jsonl, TensorBoard, MFU.
 
 Every logged row goes to DIR/metrics.jsonl ({"step", "split", ...}) and to
-TensorBoard event files in DIR/tensorboard (tensorboardX). The progress line
-is rewritten in place on stderr (a small own one: tqdm is not a dependency).
+TensorBoard event files in DIR/tensorboard (tensorboardX). Progress goes to
+stderr: on a terminal one line rewritten in place, into a file or a pipe one
+whole line per logged step (a log file reads line by line).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import jax
+
+from fusedlm.research.data import partials
 
 # Dense bf16 peak FLOP/s by jax device_kind (vendor data sheets, no sparsity).
 PEAK_FLOPS = {
@@ -80,6 +82,8 @@ class RunLogger:
     self.tokens_per_step = tokens_per_step
     self.flops_per_token, self.peak, self.devices = flops_per_token, peak, num_devices
     self.progress = progress
+    # In place (\r) only on a terminal: a log file gets whole lines.
+    self.in_place = progress and sys.stderr.isatty()
     self._t0 = time.perf_counter()
     self._last_t, self._last_step = self._t0, start_step
     self._paused_at = None
@@ -130,19 +134,22 @@ class RunLogger:
       done = step - self.start
       eta = (now - self._t0) / max(done, 1) * (self.total - step)
       mfu = f" mfu {values['mfu']:.1%}" if "mfu" in values else ""
-      sys.stderr.write(
-          f"\rstep {step}/{self.total} loss {summary.get('loss', float('nan')):.4f}"
-          f" lr {lr:.2e} {tok_s:,.0f} tok/s{mfu} eta {_format_seconds(eta)}   ")
+      speed = f" {tok_s:,.0f} tok/s{mfu}" if timing else ""
+      line = (f"step {step}/{self.total} loss {summary.get('loss', float('nan')):.4f}"
+              f" lr {lr:.2e}{speed} eta {_format_seconds(eta)}")
+      sys.stderr.write(f"\r{line}   " if self.in_place else f"{line}\n")
       sys.stderr.flush()
 
   def eval(self, step: int, summary: dict) -> None:
     self.write(step, "eval", summary)
     if self.progress:
-      sys.stderr.write(f"\n[eval] step {step} loss {summary.get('loss', float('nan')):.4f}"
+      sys.stderr.write(("\n" if self.in_place else "")
+                       + f"[eval] step {step} loss {summary.get('loss', float('nan')):.4f}"
                        f" ppl {summary.get('perplexity', float('nan')):.2f}\n")
+      sys.stderr.flush()
 
   def close(self) -> None:
-    if self.progress:
+    if self.in_place:
       sys.stderr.write("\n")
     if self.jsonl is not None:
       self.jsonl.close()
@@ -207,9 +214,7 @@ def truncate_metrics(workdir, step: int) -> None:
   if len(kept) == len(rows) and (not path.exists() or path.read_text().endswith("\n")
                                  or not path.read_text()):
     return
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-  partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
-  os.replace(partial, path)
+  partials.publish(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_metrics(workdir, split: str = "train") -> dict[int, dict]:

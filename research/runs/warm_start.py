@@ -4,7 +4,7 @@
   params, report = transfer_params(start.params, fresh_params)
 
 Fine-tuning builds a new model (the pretrained architecture with a
-classification head, without the pretraining heads) and fills every parameter
+classification or span head, without the pretraining heads) and fills every parameter
 it shares with the pretrained one by name; the rest keep their fresh
 initialisation and are reported, as Hugging Face reports "newly initialized"
 and "unused" weights.
@@ -22,11 +22,11 @@ import numpy as np
 
 from fusedlm.research.data import Tokenizer
 from fusedlm.research.models.config import ModelConfig
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.runs import saved_run
 
 # Task heads are always trained afresh, even when the pretrained run had one
 # (a classifier fine-tuned again on other labels).
-FRESH_PREFIXES = ("['classifier']",)
+FRESH_PREFIXES = ("['classifier']", "['span_head']")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,8 @@ class WarmStart:
 
 
 def load_warm_start(workdir: str | os.PathLike, step: int | None = None) -> WarmStart:
-  """The pretrained run at `step` (None: newest); errors as checkpoint.open_run's."""
-  run = checkpoint.open_run(workdir)
+  """The pretrained run at `step` (None: newest); errors as saved_run.open_run's."""
+  run = saved_run.open_run(workdir)
   step, params = run.restore_params(step)
   return WarmStart(run.workdir, step, run.tokenizer, run.model_cfg, params)
 

@@ -4,5 +4,6 @@
 and `fusedlm finetune`), `steps` (the TrainState and the pmapped train and
 eval steps), `optimizer` (AdamW, schedules, clipping, accumulation) and
 `eval_loop` (the evaluation pass over a split, and `evaluate_run` of a saved
-run).
+run) and `throughput` (`benchmark_training`: the train step per attention
+implementation beside a plain Flax step, for `fusedlm bench-train`).
 """

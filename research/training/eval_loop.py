@@ -16,8 +16,11 @@ as many devices as this machine has, whatever the run trained on):
                   evaluations agree exactly); nsp_loss and nsp_accuracy with NSP
   classification  loss, accuracy, macro_f1 and the confusion matrix
                   ([true][predicted], in label_names order)
+  qa              loss and accuracy (both span ends right) per window, then
+                  SQuAD exact match and F1 of the answered questions
   seq2seq         loss, perplexity and accuracy of the target tokens, then
                   BLEU and chrF of the decoded split (sacrebleu)
+  summarization   as seq2seq, with ROUGE-1/2/L (rouge-score) for BLEU
 
 An objective's `extra_evaluation` (what is not a sum over batches, such as
 decoding) runs after the metric pass; its metrics join the summary and its
@@ -32,7 +35,8 @@ import jax
 import numpy as np
 
 from fusedlm.research import models, objectives
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.models import resolved_attention
+from fusedlm.research.runs import saved_run
 from fusedlm.research.runs.parallel import replicate, shard, unreplicate
 from fusedlm.research.training import steps
 
@@ -52,7 +56,9 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
     max_batches: evaluate only the first this many batches (default all).
 
   Returns:
-    {"workdir", "step", "objective", "data", "metrics": {...}}; classification
+    {"workdir", "step", "objective", "data", "devices", "batch_size",
+    "attention" (lines: what each attention layer resolved to, and why),
+    "metrics": {...}}; classification
     adds "label_names"; an objective with an extra evaluation adds "outputs"
     ({name: lines}, e.g. seq2seq's "hypotheses").
 
@@ -60,7 +66,7 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
     FileNotFoundError / ValueError: a missing run, step or data file, a
       checkpoint that does not fit the run's model, or a bad batch size.
   """
-  run = checkpoint.open_run(workdir)
+  run = saved_run.open_run(workdir)
   step = run.resolve_step(step)
   devices = jax.local_devices()
   if num_devices is not None:
@@ -83,8 +89,11 @@ def evaluate_run(workdir, *, step: int | None = None, data: str | None = None,
   p_eval = steps.pmapped_eval_step(model, objective, devices)
   metrics = evaluate_batches(p_eval, replicate(params, devices),
                              batches.eval_batches(max_batches), len(devices))
+  attention = resolved_attention.for_batch(
+      run.model_cfg, objective, next(iter(batches.eval_batches(1))))
   result = {"workdir": str(run.workdir), "step": step, "objective": run.objective,
             "data": description, "devices": len(devices), "batch_size": batch_size,
+            "attention": resolved_attention.describe(attention, run.model_cfg),
             "metrics": metrics}
   if run.label_names is not None:
     result["label_names"] = list(run.label_names)
@@ -119,3 +128,24 @@ def evaluate_batches(p_eval, replicated_params, batches: Iterable[dict],
     summary["confusion"] = totals["confusion"].astype(int).tolist()
   return summary
 
+
+def format_summary(summary: dict, objective_name: str) -> str:
+  """The summary's reported metrics, rounded and labelled, on one line:
+  "loss 4.5912, perplexity 98.31, accuracy 19.10% (over 12,288 tokens)"."""
+  objective = objectives.get(objective_name)
+  parts = []
+  for key in objective.report_keys:
+    if key not in summary:
+      continue
+    value = summary[key]
+    if "accuracy" in key:
+      parts.append(f"{key.replace('_', ' ')} {value:.2%}")
+    elif key in ("bleu", "chrf"):
+      parts.append(f"{key.upper()} {value:.2f}")
+    elif key == "perplexity":
+      parts.append(f"perplexity {value:.2f}")
+    else:
+      parts.append(f"{key.replace('_', ' ')} {value:.4f}")
+  count = summary.get("tokens")
+  return ", ".join(parts) + (f" (over {count:,.0f} {objective.count_unit})"
+                             if count is not None else "")

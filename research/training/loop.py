@@ -8,7 +8,7 @@ one): the state carries the step (= the data position, batch(step) is pure)
 and the dropout RNG, and the checkpoint the partial log window, so the resumed
 losses and metrics.jsonl rows equal an uninterrupted run's (rows logged after
 the checkpoint are dropped and logged again). A resume that would change the
-batches (checkpoint.DATA_FIELDS) is refused unless --allow_data_change. A
+batches (run_files.DATA_FIELDS) is refused unless --allow_data_change. A
 state with NaN or Inf values is never saved; one trainer per workdir.
 
 train.steps counts optimizer updates (as research.training.optimizer does): with
@@ -20,24 +20,28 @@ logged step and log_every / eval_every / checkpoint.every count micro-batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 
 from fusedlm.research import models, objectives, run_config
-from fusedlm.research.data import load_tokenizer
+from fusedlm.research.runs import banner, parallel, run_files
 from fusedlm.research.runs import checkpoint as ckpt_lib
 from fusedlm.research.runs import logger as run_logging
-from fusedlm.research.runs import parallel
 from fusedlm.research.runs.lock import WorkdirLock
 from fusedlm.research.runs.parallel import replicate, shard, unreplicate
 from fusedlm.research.runs.warm_start import WarmStart, transfer_params
 from fusedlm.research.training import optimizer
 from fusedlm.research.training import steps as steps_lib
 from fusedlm.research.training.eval_loop import evaluate_batches
+
+DATA_NOTICE_SECONDS = 1.0  # data preparation longer than this is announced
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,10 +61,10 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   step reduces across all of them, and only process 0 writes logs and run
   files (all take part in checkpoint saves). stop_at ends the
   run after that step (saving a checkpoint there), as an interruption would.
-  warm_start (research.finetune) supplies the pretrained tokenizer, model and
+  warm_start (fusedlm finetune) supplies the pretrained tokenizer, model and
   parameters a classification config starts from; a resume reads its own.
   allow_data_change lets a resume change the fields that decide the batches
-  (checkpoint.DATA_FIELDS), which is refused otherwise.
+  (run_files.DATA_FIELDS), which is refused otherwise.
 
   One trainer per workdir (run_lock, held by process 0); the lock is held
   until the last save is written.
@@ -69,7 +73,7 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
   objective = objectives.get(config.objective)
   if objective.fine_tunes and warm_start is None:
     raise ValueError(f"a {objective.name} config fine-tunes a pretrained run: launch it"
-                     " with research.finetune --init_from DIR.")
+                     " with fusedlm finetune --init_from DIR.")
   devices = list(devices) if devices is not None else parallel.run_devices(num_devices)
   if config.train.batch_size % len(devices):
     raise ValueError(
@@ -78,19 +82,54 @@ def train(config, workdir, *, devices=None, num_devices: int | None = None,
         f" {len(parallel.local_devices(devices))} local).")
   parallel.check_same_config(run_config.to_json(config))
   primary = parallel.is_primary()
+  workdir = Path(workdir)
+  # A run refused before its first step leaves no trace (an empty checkpoints/,
+  # a train.lock, a config.json) in a workdir that held no run before.
+  before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
+  fresh = primary and not (before or set()) & {ckpt_lib.CHECKPOINT_DIR, run_files.CONFIG_FILE}
   lock = WorkdirLock(workdir, progress) if primary else contextlib.nullcontext()
-  with lock:
-    return _train_locked(config, Path(workdir), objective, devices, progress and primary,
-                         stop_at, warm_start, allow_data_change)
+  progress = progress and primary
+  stage = _Stage()
+  try:
+    with lock:
+      stage.locked = True
+      return _train_locked(config, workdir, objective, devices, progress, stop_at,
+                           warm_start, allow_data_change, stage)
+  except BaseException:
+    if fresh and stage.locked and not stage.started:
+      _remove_set_up(workdir, before)
+    raise
+
+
+@dataclasses.dataclass
+class _Stage:
+  """How far a run got: the workdir lock taken, the first step started."""
+  locked: bool = False
+  started: bool = False
+
+
+def _remove_set_up(workdir: Path, before: set[str] | None) -> None:
+  """Removes what a refused set-up added to a workdir that held no run: the
+  folder itself if this run made it, else the entries that were not there."""
+  if before is None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    return
+  for path in workdir.iterdir():
+    if path.name in before:
+      continue
+    if path.is_dir():
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      path.unlink(missing_ok=True)
 
 
 def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_start,
-                  allow_data_change) -> dict:
+                  allow_data_change, stage) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep,
                                config.checkpoint["async"])
   try:
     return _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
-                         warm_start, allow_data_change)
+                         warm_start, allow_data_change, stage)
   finally:
     # Waits for an async save in flight, also on a NaN stop. Also when the
     # set-up fails (missing data, a refused resume): Orbax's background
@@ -100,30 +139,50 @@ def _train_locked(config, workdir, objective, devices, progress, stop_at, warm_s
 
 
 def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
-                  warm_start, allow_data_change) -> dict:
+                  warm_start, allow_data_change, stage) -> dict:
   n_local = len(parallel.local_devices(devices))  # this process's pmap shards
   primary = parallel.is_primary()
   resuming = ckpt.latest_step() is not None
-  saved_tok = ckpt.workdir / ckpt_lib.TOKENIZER_DIR
   # On resume, the workdir's own tokenizer: the data must be tokenized as before.
-  if resuming and saved_tok.exists():
-    tokenizer = load_tokenizer(saved_tok)
-  else:
-    tokenizer = warm_start.tokenizer if warm_start is not None else None
+  # A damaged one is rebuilt below from the run's settings, then checked.
+  tokenizer, damage = (run_files.tokenizer_for_resume(workdir) if resuming
+                       else (None, None))
+  if tokenizer is None and warm_start is not None:
+    tokenizer = warm_start.tokenizer
   # Process 0 trains the tokenizer and fills the token cache; the others then
   # read what it wrote rather than building the same files at the same time.
   if not primary:
     parallel.barrier("fusedlm:data")
-  data = objective.train_data(config, tokenizer)
+  # Training a tokenizer or tokenizing a corpus can take minutes: say so if it
+  # does (a cached or refused data set says nothing: the banner, or the error,
+  # comes at once).
+  notice = threading.Timer(DATA_NOTICE_SECONDS, lambda: print(
+      f"fusedlm train: preparing the data for {workdir} ...", file=sys.stderr, flush=True))
+  if progress:
+    notice.start()
+  try:
+    data = objective.train_data(config, tokenizer)
+  finally:
+    notice.cancel()
   if primary:
     parallel.barrier("fusedlm:data")
+  # Evaluations run during training: an empty validation split fails now, not
+  # after the first eval_every steps.
+  if next(iter(data.eval.eval_batches(1)), None) is None:
+    raise ValueError("the validation split gives no evaluation batch (too little"
+                     " held-out data for one row); give more data, a larger"
+                     " validation fraction, or a shorter data.seq_len.")
   model_cfg = run_config.build_model_config(
       config, data.tokenizer.vocab_size,
       warm_start.model_cfg if warm_start is not None else None,
       len(data.label_names or ()))
   if resuming:
-    ckpt_lib.check_resumable(workdir, config, model_cfg.to_dict(),
-                             allow_data_change=allow_data_change)
+    run_files.check_resumable(workdir, config, model_cfg.to_dict(),
+                              allow_data_change=allow_data_change)
+    if damage is not None:
+      rebuilt = run_files.check_rebuilt_tokenizer(workdir, data.tokenizer, damage)
+      if progress:
+        print(rebuilt, file=sys.stderr)
 
   accum = config.optimizer.accumulation_steps
   updates = config.train.steps
@@ -151,9 +210,16 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
         print(f"warm start from {warm_start.source}: {transfer.describe()}", file=sys.stderr)
   # Only now, every check passed: a refused resume leaves config.json as it was.
   if primary:
-    ckpt_lib.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
-                             data.label_names)
+    run_files.write_run_files(workdir, config, data.tokenizer, model_cfg.to_dict(),
+                              data.label_names)
   start = int(host_state.step)
+  if progress:
+    print(f"fusedlm train: {workdir}", file=sys.stderr)
+    print(banner.format_banner(
+        workdir=workdir.absolute(), start=start, total=total, config=config,
+        model_cfg=model_cfg, num_params=banner.parameter_count(host_state.params),
+        attention=banner.describe_attention(model_cfg), devices=devices,
+        objective=objective.name, tokenizer=data.tokenizer), file=sys.stderr, flush=True)
   state = replicate(host_state, devices)
   del host_state
   p_train, p_eval = steps_lib.pmapped_steps(model, tx, objective, devices)
@@ -241,6 +307,7 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
       summary = catch_up(start) or summary
     end = total if stop_at is None else min(stop_at, total)
     finished_at = time.perf_counter()  # when the loop was done with the last step
+    stage.started = True
     for step in range(start, end):
       iteration_start = time.perf_counter()
       profiler.step(step, state)
@@ -281,5 +348,7 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     profiler.close(state)
     logger.close()
   return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,
-          "model": model_cfg, "transfer": transfer}
+          "model": model_cfg, "transfer": transfer, "objective": objective.name,
+          "step": total if stop_at is None else min(stop_at, total),
+          "already_complete": start >= total}
 

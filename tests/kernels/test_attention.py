@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fusedlm import kernels
 from fusedlm.kernels import (
   BlockSizes,
   dot_product_attention,
@@ -12,15 +13,24 @@ from fusedlm.kernels import (
   reference_attention,
   resolve_implementation,
 )
+from fusedlm.kernels import cudnn
 from tests.kernels.attention_cases import Case, make_inputs
+from tests.kernels.stand_ins import H100
 
 Q = jnp.ones((2, 8, 4, 32))
 K = jnp.ones((2, 8, 2, 32))
 
 
-def test_auto_picks_the_kernel_on_gpu_and_xla_elsewhere():
-  expected = "pallas" if jax.default_backend() == "gpu" else "xla"
-  assert resolve_implementation("auto") == expected
+def test_auto_on_this_machine():
+  """mosaic on a Hopper GPU, pallas on another GPU, tpu on a TPU, xla elsewhere (the whole
+  rule, with stand-in devices: test_resolve_implementation.py)."""
+  device = jax.devices()[0]
+  q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+  hopper = (str(getattr(device, "compute_capability", "")).startswith("9.")
+            and jax.__version_info__ >= (0, 11))
+  expected = ("mosaic" if hopper else "pallas") if device.platform == "gpu" else (
+      "tpu" if device.platform == "tpu" else "xla")
+  assert resolve_implementation("auto", q, q, q) == expected
 
 
 @pytest.mark.parametrize("implementation", ["auto", "pallas", "xla"])
@@ -42,6 +52,35 @@ def test_cudnn_matches_the_reference_in_bf16():
   up = lambda x: x.astype(jnp.float32)
   ref = reference_attention(up(q), up(k), up(v), causal=True, **masks)
   np.testing.assert_allclose(np.asarray(up(out)), np.asarray(ref), atol=2e-2)
+
+
+def test_cudnn_gets_key_padding_as_a_full_mask(monkeypatch):
+  """JAX 0.11's cuDNN path takes a mask only at full [B, 1, T, S] length."""
+  seen = {}
+
+  def cudnn_stand_in(q, k, v, *, bias, mask, scale, is_causal, local_window_size,
+                     implementation):
+    seen.update(mask=mask, implementation=implementation, is_causal=is_causal,
+                bias=bias, local_window_size=local_window_size)
+    return jnp.zeros_like(q)
+  monkeypatch.setattr(cudnn.jax.nn, "dot_product_attention", cudnn_stand_in)
+  q, k, v, _, masks = make_inputs(
+      Case(q_len=24, kv_len=40, heads=4, kv_heads=2, head_dim=64, masks="padding",
+           dtype=jnp.bfloat16), 9)
+  with kernels.target_device(H100):
+    dot_product_attention(q, k, v, implementation="cudnn", **masks)
+  assert seen["implementation"] == "cudnn" and not seen["is_causal"]
+  assert seen["bias"] is None and seen["local_window_size"] is None
+  padding = np.asarray(masks["key_padding_mask"])
+  np.testing.assert_array_equal(
+      np.asarray(seen["mask"]), np.broadcast_to(padding[:, None, None, :], (2, 1, 24, 40)))
+
+
+def test_cudnn_refuses_packed_sequences_naming_the_way_out():
+  q, k, v, _, masks = make_inputs(Case(masks="segments", dtype=jnp.bfloat16), 2)
+  with kernels.target_device(H100), pytest.raises(
+      ValueError, match=r"does not take segment_ids .*use 'auto' or 'mosaic'"):
+    dot_product_attention(q, k, v, implementation="cudnn", **masks)
 
 
 BAD_INPUTS = [
@@ -121,13 +160,24 @@ def test_cudnn_without_a_gpu_says_so():
     (dict(causal=True, k=jnp.ones((2, 6, 2, 32), jnp.bfloat16)), "aligns the causal mask"),
     (dict(q=Q), "takes bfloat16 or float16"),
 ])
-def test_cudnn_refuses_what_it_cannot_take(kwargs, message, monkeypatch):
+def test_cudnn_refuses_what_it_cannot_take(kwargs, message):
   # Checked before any cuDNN call, so the test runs on every backend.
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   args = dict(q=Q.astype(jnp.bfloat16), k=K.astype(jnp.bfloat16))
   args.update(kwargs)
   q, k = args.pop("q"), args.pop("k")
   if q.dtype != k.dtype:
     k = k.astype(q.dtype)
-  with pytest.raises(ValueError, match=message):
+  with kernels.target_device(H100), pytest.raises(ValueError, match=message):
     dot_product_attention(q, k, k, implementation="cudnn", **args)
+
+
+def test_array_likes_are_converted_and_other_values_named():
+  q = np.random.RandomState(0).randn(1, 8, 2, 16).astype(np.float32)
+  from_lists = dot_product_attention(q.tolist(), q.tolist(), q.tolist(), causal=True,
+                                     implementation="xla")
+  np.testing.assert_array_equal(
+      from_lists, dot_product_attention(q, q, q, causal=True, implementation="xla"))
+  with pytest.raises(TypeError, match=r"^k must be an array or an array-like .* got str"):
+    dot_product_attention(q, "keys", q)
+  with pytest.raises(TypeError, match=r"^key_padding_mask must be an array .* got dict"):
+    dot_product_attention(q, q, q, key_padding_mask={"a": 1})

@@ -100,7 +100,7 @@ def test_bad_inputs_are_named(trained_gpt, trained_bert, tmp_path):
     finetune.finetune(config, tmp_path / "a")
   with pytest.raises(FileNotFoundError, match="no run folder"):
     finetune.finetune(config, tmp_path / "a", str(tmp_path / "missing"))
-  with pytest.raises(ValueError, match="launch it with research.finetune"):
+  with pytest.raises(ValueError, match="launch it with fusedlm finetune"):
     loop.train(topics_config(), tmp_path / "b", progress=False)
   empty = load_experiment("finetune_sentiment_csv")
   with pytest.raises(ValueError, match="config.data.task is empty"):

@@ -1,4 +1,4 @@
-"""research.import_hf: a Hugging Face folder becomes a run that evaluate,
+"""fusedlm import-hf: a Hugging Face folder becomes a run that evaluate,
 fill_mask, generate and finetune open. The folders are tiny random
 transformers models saved into tmp_path; nothing is downloaded."""
 
@@ -14,7 +14,7 @@ from fusedlm.research.data import train_tokenizer
 from fusedlm.research.inference import masked_lm
 from fusedlm.research.inference.generation import generate_text
 from fusedlm.research.models.hf_import import load_hf_checkpoint
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.runs import saved_run
 from fusedlm.research.training import eval_loop
 from tests.commands import fusedlm
 
@@ -105,7 +105,7 @@ def test_the_command_line(bert_run, tmp_path):
   hf, _ = bert_run
   done = fusedlm("import-hf", "--hf", hf, "--workdir", tmp_path / "cli", "--dtype", "float32")
   assert done.returncode == 0, done.stderr
-  assert "objective mlm" in done.stdout and checkpoint.open_run(tmp_path / "cli").steps == (0,)
+  assert "objective mlm" in done.stdout and saved_run.open_run(tmp_path / "cli").steps == (0,)
   again = fusedlm("import-hf", "--hf", hf, "--workdir", tmp_path / "cli")
   assert again.returncode == 2
   assert again.stderr.strip().endswith("already holds a run; import into a new --workdir.")

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from fusedlm.research.runs import checkpoint as ckpt_lib
 from fusedlm.research.runs import logger as run_logging
+from fusedlm.research.runs import saved_run
 from fusedlm.research.training import loop
 from tests.research.conftest import ROOT, tiny_gpt_config
 
@@ -76,8 +76,8 @@ def assert_same_run(a, b, steps):
                                err_msg=f"train loss at step {step}")
     np.testing.assert_allclose(rb[step]["grad_norm"], ra[step]["grad_norm"], rtol=1e-4)
   last = max(steps)
-  pa = ckpt_lib.open_run(a).restore_params(last)[1]
-  pb = ckpt_lib.open_run(b).restore_params(last)[1]
+  pa = saved_run.open_run(a).restore_params(last)[1]
+  pb = saved_run.open_run(b).restore_params(last)[1]
   jax.tree_util.tree_map(
       # Adam turns rounding-level gradient differences of near-zero parameters
       # (summed over devices in another order) into ~1e-6 differences.

@@ -145,7 +145,8 @@ def test_the_registry_picks_the_loss_by_objective_name():
   np.testing.assert_allclose(
       objectives.get("causal").loss(jnp.asarray(logits), batch, None)[0],
       objectives.causal_lm_loss(jnp.asarray(logits), batch)[0])
-  assert set(objectives.REGISTRY) == {"causal", "mlm", "classification", "seq2seq"}
+  assert set(objectives.REGISTRY) == {"causal", "mlm", "classification", "qa", "seq2seq",
+                                      "summarization"}
   assert all(name == o.name for name, o in objectives.REGISTRY.items())
   with pytest.raises(ValueError, match="unknown objective 'contrastive'"):
     objectives.get("contrastive")
@@ -164,3 +165,24 @@ def test_confusion_matrix_and_macro_f1_match_a_hand_count():
   assert summary["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
   # A class neither true nor predicted scores 0 rather than being skipped.
   np.testing.assert_allclose(objectives.f1_scores(np.diag([2.0, 0.0])), [1.0, 0.0])
+
+
+def test_span_loss_is_the_mean_of_start_and_end_cross_entropies_over_real_tokens():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 6, 2)).astype(np.float32)
+  lengths = np.array([6, 4, 5])
+  batch = {"padding_mask": np.arange(6)[None] < lengths[:, None],
+           "start_positions": np.array([2, 0, 4]), "end_positions": np.array([3, 0, 4]),
+           "weights": np.array([1, 1, 0], np.float32)}
+  logits[0, 2, 0] = logits[0, 3, 1] = 9.0  # row 0: both ends right
+  logits[1, 5, :] = 50.0  # padding: never a prediction, never in the softmax
+  loss, sums = objectives.get("qa").loss(jnp.asarray(logits), batch, None)
+  want = []
+  for row in range(2):
+    x = logits[row, :lengths[row]]
+    log_p = x - np.log(np.exp(x).sum(0, keepdims=True))
+    want.append(-(log_p[batch["start_positions"][row], 0]
+                  + log_p[batch["end_positions"][row], 1]) / 2)
+  np.testing.assert_allclose(sums["loss_sum"], sum(want), rtol=1e-5)
+  np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)
+  assert float(sums["count"]) == 2.0 and float(sums["correct"]) == 1.0

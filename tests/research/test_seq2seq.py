@@ -193,7 +193,7 @@ def test_translation_requests_are_checked(model_and_params):
   with pytest.raises(ValueError, match="translation needs an encoder-decoder"):
     seq2seq_decoding.translate_ids(model_config.tiny_gpt(), params, [np.array([3])],
                            max_new_tokens=4, start_id=0, eos_id=0)
-  with pytest.raises(ValueError, match="use research.translate"):
+  with pytest.raises(ValueError, match="use fusedlm translate"):
     generation.generate(cfg, params, [np.array([3])], max_new_tokens=4)
 
 
@@ -217,8 +217,8 @@ def test_experiment_configs_validate_and_shrink():
 
 @pytest.mark.slow
 def test_synthetic_task_is_learned_to_bleu_95(tmp_path, shared_cache_dir):
-  """~400 steps of the tiny encoder-decoder, then research.evaluate and
-  research.translate on the run: held-out BLEU >= 95."""
+  """~400 steps of the tiny encoder-decoder, then fusedlm evaluate and
+  fusedlm translate on the run: held-out BLEU >= 95."""
   config = load_experiment("tiny_seq2seq")
   config.data.cache_dir = shared_cache_dir
   config.data.seq_len = config.model.max_len = 24

@@ -238,3 +238,19 @@ def test_mosaic_configurations_are_implementations():
     benchmark.resolve(_parse(["--impls=mosaic:bogus=1"]))
   with pytest.raises(ValueError, match="--variants: unknown gelu"):
     benchmark.resolve(_parse(["--variants=none,gelu"]))
+
+
+def test_tpu_kernel_is_a_cell(tmp_path):
+  # --impls=tpu: the TPU kernel's cell (interpreted off TPU, and labelled so),
+  # checked against the float32 reference like every other.
+  argv = ["--smoke", "--seq_lens=128", "--head_dims=64", "--dtype=float32",
+          "--impls=tpu", "--passes=fwd+bwd", "--causal=on", "--reps=1",
+          "--warmup=0", f"--out={tmp_path}"]
+  with contextlib.redirect_stdout(io.StringIO()):
+    benchmark.run(_parse(argv), argv)
+  with open(tmp_path / benchmark.JSON_NAME) as f:
+    (cell,) = json.load(f)["cells"]
+  assert cell["status"] == "ok", cell
+  interpreted = jax.default_backend() != "tpu"
+  assert cell["label"] == ("tpu (interpret)" if interpreted else "tpu")
+  assert cell["error"]["out"] < 1e-5 and cell["error"]["dq"] < 1e-5, cell["error"]

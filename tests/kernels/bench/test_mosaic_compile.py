@@ -20,11 +20,16 @@ ptxas is missing (CI's second pass, Python 3.12 / JAX 0.11.2, installs them).
 """
 
 import jax
+import jax.numpy as jnp
 import jaxlib
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fusedlm.kernels.bench import mosaic_cases
 from fusedlm.kernels.bench import mosaic_compile as mi
+from fusedlm.kernels.mosaic.attention import mosaic_attention_any_device
 
 SEQ_LEN = 2048
 HEADS = 8
@@ -102,6 +107,36 @@ def test_every_call_compiles_again(compiler):
   fn, args = mosaic_cases.fusedlm_case(64, 256, 1, "fwd")
   first, second = mi.inspect(fn, *args), mi.inspect(fn, *args)
   assert first == second and len(first) == 1
+
+
+def test_kernel_under_a_mesh_axis_compiles_without_nvshmem(compiler):
+  """Issue 24: inside jax.shard_map over an axis named "batch" (jax.pmap is
+  jit of shard_map in JAX 0.11), forward and gradient compile for the H100.
+
+  The kernel's own grid axis was named "batch" too: Mosaic GPU read the mesh
+  axis's device index instead and linked the kernel against NVSHMEM ("Failed
+  to get MOSAIC_GPU_NVSHMEM_BC_PATH" here, "NVSHMEM is not supported in XLA"
+  on the GPU), and the custom VJP's cotangents lacked the inputs'
+  varying-manual-axes type.
+  """
+  del compiler
+  mesh = Mesh(np.array([mi.h100_device()]), ("batch",))
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=NamedSharding(mesh, P("batch")))
+  args = (spec((2, 256, 4, 64)), spec((2, 256, 2, 64)), spec((2, 256, 2, 64)),
+          spec((2, 256), jnp.int32))
+
+  def attention(q, k, v, ids):
+    return mosaic_attention_any_device(q, k, v, causal=True, segment_ids=ids)
+
+  def gradient(q, k, v, ids):
+    loss = lambda *qkv: attention(*qkv, ids).astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  for fn, out_specs in ((attention, P("batch")), (gradient, (P("batch"),) * 3)):
+    sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("batch"),) * 4,
+                                    out_specs=out_specs))
+    sharded.trace(*args).lower(lowering_platforms=("cuda",)).compile()
 
 
 PTXAS_LOG = """\

@@ -204,6 +204,14 @@ def test_compiled_mode_off_gpu_names_the_way_out():
     mosaic_attention(*_qkv())
 
 
+def test_variants_it_does_not_take_are_refused():
+  q = _qkv()[0]
+  mask = jnp.ones((1, 1, q.shape[1], q.shape[1]), bool)
+  with pytest.raises(ValueError, match="'mosaic' cannot run this call: mosaic does"
+                     " not take mask"):
+    dot_product_attention(*_qkv(), mask=mask, implementation="mosaic")
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")
 def test_entry_point_off_gpu_says_where_it_runs():
   with pytest.raises(ValueError, match="'mosaic' runs on Hopper GPUs.*'pallas' or 'xla'"):

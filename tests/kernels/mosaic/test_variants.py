@@ -11,14 +11,22 @@ copies run compiled on a Hopper GPU.
 
 import contextlib
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusedlm.kernels import MosaicBlockSizes, dot_product_attention, reference_attention
-from fusedlm.kernels.mosaic.attention import mosaic_attention, unsupported_reason
+from fusedlm.kernels import (
+  MosaicBlockSizes,
+  dot_product_attention,
+  masking,
+  reference_attention,
+  variants,
+)
+from fusedlm.kernels.mosaic import coverage
+from fusedlm.kernels.mosaic.attention import _plan, mosaic_attention
 from tests.kernels.attention_cases import TOLERANCE, assert_close
 from tests.kernels.mosaic import interpreter_shim as mosaic_interpret
 
@@ -248,32 +256,30 @@ def test_entry_point_passes_the_variants_to_mosaic():
   assert_close(np.asarray(lse), np.asarray(ref_lse), TOLERANCE[f16][0], "lse")
 
 
-def test_per_head_mask_is_refused_by_name():
-  x = jnp.zeros((1, 8, 2, 64), f16)
-  with pytest.raises(ValueError, match="'mosaic' is not wired for mask"):
-    dot_product_attention(x, x, x, mask=jnp.ones((1, 2, 8, 8), bool),
-                          implementation="mosaic", interpret=True)
-
-
 def test_bias_at_head_dim_256_is_refused_for_shared_memory():
   x = jnp.zeros((1, 8, 2, 256), f16)
   with pytest.raises(ValueError, match="shared memory in the forward kernel.*with a bias"):
     mosaic_attention(x, x, x, bias=jnp.zeros((1, 2, 8, 8), f16), interpret=True)
 
 
-def test_unsupported_reason_says_which_calls_mosaic_takes():
-  struct = lambda shape, dtype=f16: jax.ShapeDtypeStruct(shape, dtype)
-  x, x256 = struct((2, 100, 4, 64)), struct((2, 100, 4, 256))
-  kv = struct((2, 100, 2, 64))
-  key = jax.random.PRNGKey(0)
-  assert unsupported_reason(x, kv, kv, bias=struct((1, 4, 100, 100), jnp.float32),
-                            local_window_size=8, logits_soft_cap=30.0,
-                            dropout_rate=0.1, dropout_rng=key) is None
-  assert unsupported_reason(x256, x256, x256, dropout_rate=0.1,
-                            dropout_rng=key) is None
-  f32 = [struct(a.shape, jnp.float32) for a in (x, kv, kv)]
-  assert "bfloat16 or float16" in unsupported_reason(*f32)
-  assert "mask" in unsupported_reason(x, kv, kv, mask=struct((1, 4, 100, 100), bool))
-  assert "shared memory" in unsupported_reason(x256, x256, x256,
-                                               bias=struct((1, 4, 100, 100)))
-  assert "head dims up to 256" in unsupported_reason(*[struct((2, 100, 4, 320))] * 3)
+@pytest.mark.parametrize("bias_dtype", [None, jnp.float32, f16])
+@pytest.mark.parametrize("variant", [{}, dict(logits_soft_cap=30.0),
+                                     dict(dropout_rate=0.1)])
+def test_coverage_takes_exactly_the_calls_the_kernel_plans(variant, bias_dtype):
+  """"auto" sends mosaic what its planner accepts (kernels.mosaic.coverage)."""
+  for d, dv in itertools.product((32, 64, 96, 128, 192, 256, 320), (64, 128, 256)):
+    shape = masking.AttentionShape(2, 100, 100, 4, 2, d, dv)
+    given = list(variant) + ([] if bias_dtype is None else ["bias"])
+    refusal = coverage.refusal(dtype=f16, head_dim=d, v_head_dim=dv, variants=given)
+    var = variants.Variants(soft_cap=variant.get("logits_soft_cap"),
+                            dropout_rate=variant.get("dropout_rate", 0.0))
+    try:
+      _plan(shape, f16, bias_dtype, var, None)
+      planned = None
+    except ValueError as e:
+      planned = str(e)
+    assert (refusal is None) == (planned is None), (d, dv, refusal, planned)
+  assert coverage.refusal(dtype=f16, head_dim=64, v_head_dim=64, variants=["mask"]) == (
+      "mosaic does not take mask")
+  assert "bfloat16 or float16" in coverage.refusal(dtype=jnp.float32, head_dim=64,
+                                                   v_head_dim=64)

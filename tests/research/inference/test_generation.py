@@ -10,7 +10,7 @@ from fusedlm.research.inference.generation import generate, generate_text
 from fusedlm.research.inference.sampling import Sampling
 from fusedlm.research.models import build_model, random_params
 from fusedlm.research.models import config as model_config
-from fusedlm.research.runs.checkpoint import open_run
+from fusedlm.research.runs.saved_run import open_run
 from tests.commands import fusedlm
 
 PROMPTS = ["bcd", "ponmlkji", "the quick brown fox"]  # 3, 8 and 19 tokens (bytes)
@@ -201,6 +201,10 @@ def test_cli_writes_the_samples_as_json(gpt, trained_gpt, tmp_path):
     assert sample["continuation"] == run.tokenizer.decode(tokens, skip_special_tokens=True)
     assert sample["stopped_at_eos"] == (tokens[-1] == eos)
   assert "--- prompt 0: 'bcd'" in done.stdout
+  # Prefill over the 3-token prompt, then each step against 3 + 12 slots.
+  assert [line.split(":")[0].strip() for line in record["attention"][1:]] == [
+      "self-attention x2 (q_len 3, kv_len 3)", "self-attention x2 (q_len 1, kv_len 15)"]
+  assert all(line in done.stdout for line in record["attention"])
   assert "bcd" + record["samples"][0]["continuation"] in done.stdout
 
 

@@ -12,7 +12,7 @@ import pytest
 from fusedlm.research import models
 from fusedlm.research.data import train_tokenizer
 from fusedlm.research.inference.masked_lm import Prediction, fill_mask, frame_texts
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.runs import saved_run
 from tests.commands import fusedlm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ TEXT = "bigbbbcknckffmfg[MASK]fcohmljahfmigbhpkalgpheocflppjl"
 
 @pytest.fixture(scope="module")
 def bert(trained_bert):
-  run = checkpoint.open_run(trained_bert)
+  run = saved_run.open_run(trained_bert)
   _, params = run.restore_params()
   return run, params
 
@@ -97,7 +97,7 @@ def test_wordpiece_keeps_the_mask_token_whole():
 
 
 def test_decoder_run_is_refused(trained_gpt):
-  run = checkpoint.open_run(trained_gpt)
+  run = saved_run.open_run(trained_gpt)
   with pytest.raises(ValueError, match="needs a masked-LM encoder checkpoint.*decoder"):
     fill_mask(run, {}, ["a [MASK]"])
 

@@ -61,6 +61,8 @@ def test_bad_values_are_named(changes, message):
     (dict(sliding_window=-2), "sliding_window must be >= 0"),
     (dict(attention="cudnn", attention_dropout=0.1, sliding_window=8),
      "attention='cudnn' does not take attention_dropout, sliding_window"),
+    (dict(attention="tpu", dtype="float16"),
+     "attention='tpu' takes dtype bfloat16 or float32"),
 ])
 def test_attention_variant_values_are_checked(changes, message):
   with pytest.raises(ValueError, match=message):

@@ -160,3 +160,20 @@ def test_overrides_that_change_the_parameters_are_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="names no `architectures`"):
     load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["bert", "gpt2"])
+def test_a_config_that_does_not_fit_the_weights_names_the_tensor(model, tmp_path):
+  # The weights of a 32-wide model under a config that says 48 wide.
+  _bert("BertForMaskedLM", tmp_path) if model == "bert" else _gpt2(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["hidden_size" if model == "bert" else "n_embd"] = 48
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  name = ("bert.encoder.layer.0.attention.self.query.weight" if model == "bert"
+          else "transformer.h.0.attn.c_attn.weight")
+  stored, implied = ((32, 32), (48, 48)) if model == "bert" else ((32, 96), (48, 144))
+  with pytest.raises(ValueError) as error:
+    load_hf_checkpoint(tmp_path)
+  assert str(error.value).startswith(
+      f"{name} has shape {stored} in {tmp_path}, but its config.json (hidden_size,"
+      f" num_attention_heads, ...) implies {implied}"), error.value

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fusedlm.research.runs import checkpoint as ckpt_lib
+from fusedlm.research.runs import run_files, saved_run
 from fusedlm.research.training import optimizer, steps
 
 
@@ -51,13 +52,13 @@ def test_shape_mismatch_is_a_value_error(tmp_path):
 def test_config_mismatch_names_fields(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(
       {"resolved_model": {"hidden_size": 64, "num_layers": 2}}))
-  ckpt_lib.check_resumable(tmp_path, {}, {"hidden_size": 64, "num_layers": 2})
+  run_files.check_resumable(tmp_path, {}, {"hidden_size": 64, "num_layers": 2})
   with pytest.raises(ValueError, match=r"num_layers: 2 -> 3"):
-    ckpt_lib.check_resumable(tmp_path, {}, {"hidden_size": 64, "num_layers": 3})
+    run_files.check_resumable(tmp_path, {}, {"hidden_size": 64, "num_layers": 3})
 
 
 def test_restores_the_trained_parameters_only(trained_gpt):
-  run = ckpt_lib.open_run(trained_gpt)
+  run = saved_run.open_run(trained_gpt)
   assert run.steps == (20, 40) and run.objective == "causal"
   assert run.model_cfg.kind == "decoder" and run.tokenizer.kind == "byte"
   step, params = run.restore_params()
@@ -75,7 +76,7 @@ def test_restores_the_trained_parameters_only(trained_gpt):
 
 
 def test_an_unknown_step_lists_the_existing_ones(trained_gpt):
-  run = ckpt_lib.open_run(trained_gpt)
+  run = saved_run.open_run(trained_gpt)
   with pytest.raises(ValueError, match=r"no checkpoint at step 7 .*steps \[20, 40\]"):
     run.restore_params(7)
 
@@ -90,7 +91,7 @@ def copied_run(trained_gpt, tmp_path):
 def test_an_incomplete_checkpoint_is_named(copied_run):
   shutil.rmtree(copied_run / "checkpoints" / "40" / "state")
   (copied_run / "checkpoints" / "60.orbax-checkpoint-tmp-1").mkdir()
-  run = ckpt_lib.open_run(copied_run)
+  run = saved_run.open_run(copied_run)
   with pytest.raises(ValueError, match=r"checkpoints/40 is damaged or incomplete(.|\n)*"
                                        r"Other checkpoints in .*: steps \[20\]"):
     run.restore_params(40)
@@ -102,7 +103,7 @@ def test_an_incomplete_checkpoint_is_named(copied_run):
 def test_no_checkpoint_at_all(copied_run):
   shutil.rmtree(copied_run / "checkpoints")
   with pytest.raises(ValueError, match="holds no complete checkpoint"):
-    ckpt_lib.open_run(copied_run).restore_params()
+    saved_run.open_run(copied_run).restore_params()
 
 
 def test_a_checkpoint_that_does_not_fit_the_recorded_model(copied_run):
@@ -111,17 +112,17 @@ def test_a_checkpoint_that_does_not_fit_the_recorded_model(copied_run):
   record["resolved_model"]["mlp_dim"] = 128
   path.write_text(json.dumps(record))
   with pytest.raises(ValueError, match=r"mlp.*saved \(64, 256\), config \(64, 128\)"):
-    ckpt_lib.open_run(copied_run).restore_params()
+    saved_run.open_run(copied_run).restore_params()
 
 
 def test_folders_that_are_not_runs(tmp_path, copied_run):
   with pytest.raises(FileNotFoundError, match="no run folder"):
-    ckpt_lib.open_run(tmp_path / "missing")
+    saved_run.open_run(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="has no config.json"):
-    ckpt_lib.open_run(tmp_path)
+    saved_run.open_run(tmp_path)
   shutil.rmtree(copied_run / "tokenizer")
   with pytest.raises(FileNotFoundError, match="no tokenizer/ folder"):
-    ckpt_lib.open_run(copied_run)
+    saved_run.open_run(copied_run)
 
 
 def test_a_model_field_added_since_the_save_holds_its_default(tmp_path):
@@ -129,7 +130,7 @@ def test_a_model_field_added_since_the_save_holds_its_default(tmp_path):
   current = ModelConfig().to_dict()
   older = {k: v for k, v in current.items() if k != "sliding_window"}  # saved before it existed
   (tmp_path / "config.json").write_text(json.dumps({"resolved_model": older}))
-  ckpt_lib.check_resumable(tmp_path, {}, current)
+  run_files.check_resumable(tmp_path, {}, current)
   changed = dict(current, num_layers=current["num_layers"] + 1)
   with pytest.raises(ValueError, match="num_layers"):
-    ckpt_lib.check_resumable(tmp_path, {}, changed)
+    run_files.check_resumable(tmp_path, {}, changed)

@@ -10,12 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import optax
 import pytest
 
 from fusedlm.research.runs import checkpoint as ckpt_lib
-from fusedlm.research.runs import checksums
+from fusedlm.research.runs import checksums, saved_run
 from fusedlm.research.runs import logger as run_logging
 from fusedlm.research.runs.lock import WorkdirLock
 from fusedlm.research.training import eval_loop, loop
@@ -81,11 +82,70 @@ def test_training_falls_back_past_a_damaged_checkpoint(cache_dir, tmp_path, caps
   assert out["start_step"] == 2
   assert "checkpoints/4 is damaged or incomplete" in capsys.readouterr().err
   assert [p.name for p in (tmp_path / "checkpoints").iterdir() if ".damaged-" in p.name]
-  assert ckpt_lib.open_run(tmp_path).steps == (4, 6)  # retrained, not the damaged one
+  assert saved_run.open_run(tmp_path).steps == (4, 6)  # retrained, not the damaged one
+
+
+def _flip_one_byte(step_dir: Path, every_file: bool = False) -> None:
+  """The lowest bit of the middle byte of the largest data file (or of each):
+  a finite value stays finite, so only checksums can tell."""
+  files = sorted((p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)),
+                 key=lambda p: p.stat().st_size)
+  for data_file in files if every_file else files[-1:]:
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    data_file.write_bytes(bytes(data))
+
+
+def test_a_fallback_resumes_exactly_even_without_a_manifest(cache_dir, tmp_path):
+  # A kill after an async save and before its manifest leaves the newest step
+  # unverified by file checksums; a byte flipped there must still be found
+  # (by the leaf checksums saved with the arrays), and the fallback must
+  # replay exactly: every logged row and the final state as uninterrupted.
+  config = small(cache_dir, steps=8)
+  loop.train(config, tmp_path / "reference", progress=False)
+  loop.train(config, tmp_path / "run", progress=False, stop_at=6)  # checkpoints 4, 6
+  newest = tmp_path / "run" / "checkpoints" / "6"
+  (newest / checksums.MANIFEST).unlink()
+  _flip_one_byte(newest)
+  out = loop.train(config, tmp_path / "run", progress=False)
+  assert out["start_step"] == 4
+  assert metric_rows(tmp_path / "run") == metric_rows(tmp_path / "reference")
+  _, want = saved_run.open_run(tmp_path / "reference").restore_params()
+  _, got = saved_run.open_run(tmp_path / "run").restore_params()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+def test_leaf_checksums_guard_the_parameters_evaluation_reads(trained_gpt, tmp_path):
+  # A value that differs from the checksum recorded with it is refused, manifest
+  # or not (here the record is changed, so that the mismatch is certain).
+  run_dir = tmp_path / "run"
+  shutil.copytree(trained_gpt, run_dir)
+  newest = run_dir / "checkpoints" / "40"
+  (newest / checksums.MANIFEST).unlink()
+  record_file = newest / "extra" / "metadata"
+  record = json.loads(record_file.read_text())
+  leaf = next(name for name in record["state_sha256"] if name.startswith("params/"))
+  record["state_sha256"][leaf] = "0" * 64
+  record_file.write_text(json.dumps(record))
+  with pytest.raises(ValueError, match=rf"checkpoints/40 is damaged: the restored values of"
+                                       rf" {leaf} differ from the checksums"):
+    saved_run.open_run(run_dir).restore_params(40)
+
+
+def test_bytes_the_storage_layer_finds_damaged_are_a_damaged_checkpoint(trained_gpt, tmp_path):
+  # OCDBT's own CRC-32C of its b-tree nodes (DATA_LOSS) counts as damage, which
+  # training falls back past, not as a checkpoint that does not fit the config.
+  run_dir = tmp_path / "run"
+  shutil.copytree(trained_gpt, run_dir)
+  newest = run_dir / "checkpoints" / "40"
+  (newest / checksums.MANIFEST).unlink()
+  _flip_one_byte(newest, every_file=True)
+  with pytest.raises(checksums.DamagedCheckpointError, match=r"checkpoints/40 is damaged"):
+    saved_run.open_run(run_dir).restore_params(40)
 
 
 def test_every_finished_checkpoint_carries_checksums(trained_gpt):
-  for step in ckpt_lib.open_run(trained_gpt).steps:
+  for step in saved_run.open_run(trained_gpt).steps:
     assert checksums.verify(trained_gpt / "checkpoints" / str(step))
 
 
@@ -104,7 +164,7 @@ def test_a_non_finite_state_is_never_saved(cache_dir, tmp_path, monkeypatch):
                      match=r"non-finite training metrics at step 1 \(.*param_norm_sum=nan.*\);"
                            r" stopping before saving it. The newest checkpoint, step none"):
     loop.train(config, tmp_path, progress=False)
-  assert ckpt_lib.open_run(tmp_path).steps == ()
+  assert saved_run.open_run(tmp_path).steps == ()
 
 
 def test_the_checkpointer_refuses_a_non_finite_state(tmp_path):
@@ -154,13 +214,13 @@ def test_a_kill_during_cleanup_leaves_only_complete_checkpoints(cache_dir, tmp_p
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         timeout=600, cwd=ROOT)
   assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-  run = ckpt_lib.open_run(tmp_path)
+  run = saved_run.open_run(tmp_path)
   assert run.steps, "the kill came after the first checkpoints"
   for step in run.steps:  # everything listed restores
     assert run.restore_params(step)[0] == step
   config = small(cache_dir, steps=6)
   loop.train(config, tmp_path, progress=False)
-  assert ckpt_lib.open_run(tmp_path).steps == (4, 6)  # keep=2 caught up
+  assert saved_run.open_run(tmp_path).steps == (4, 6)  # keep=2 caught up
   assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.isdigit()]
 
 
@@ -270,18 +330,45 @@ def test_train_errors_are_one_line(tmp_path):
   assert missing.stderr.startswith("fusedlm train: error:")
 
 
+BAD_INPUTS = {
+    # name: (extra arguments, what the one line must say)
+    "missing config file": (["--config={tmp}/nope.py"],
+                            "cannot load the --config file: No such file or directory:"),
+    "config syntax error": (["--config={tmp}/broken.py"],
+                            "cannot load the --config file: {tmp}/broken.py:1:"),
+    "negative eval_batches": (["--config={experiment}", "--config.train.eval_batches=-1"],
+                              "config.train.eval_batches must be >= 0, got -1."),
+    "zero log_every": (["--config={experiment}", "--config.train.log_every=0"],
+                       "config.train.log_every must be >= 1, got 0."),
+    "b2 of one": (["--config={experiment}", "--config.optimizer.b2=1.0"],
+                  "config.optimizer.b2 must be < 1.0, got 1.0."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_train_inputs_are_one_line_before_anything_runs(case, tmp_path):
+  (tmp_path / "broken.py").write_text("def get_config(:\n  pass\n")
+  args, message = BAD_INPUTS[case]
+  fill = dict(tmp=tmp_path, experiment=ROOT / "experiments" / "tiny_gpt_synthetic.py")
+  done = fusedlm("train", *(a.format(**fill) for a in args), f"--workdir={tmp_path}/run")
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+  assert done.stderr.startswith(f"fusedlm train: error: {message.format(**fill)}"), done.stderr
+  assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
 def test_truncated_run_files_are_named(trained_gpt, tmp_path):
   run_dir = tmp_path / "run"
   shutil.copytree(trained_gpt, run_dir)
   config = run_dir / "config.json"
   config.write_text(config.read_text()[:100])
   with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
-    ckpt_lib.open_run(run_dir)
+    saved_run.open_run(run_dir)
   shutil.copy(trained_gpt / "config.json", config)
   tokenizer = run_dir / "tokenizer" / "tokenizer.json"
   tokenizer.write_text(tokenizer.read_text()[:100])
   with pytest.raises(ValueError, match=r"cannot read the tokenizer .*tokenizer.json"):
-    ckpt_lib.open_run(run_dir)
+    saved_run.open_run(run_dir)
 
 
 def test_evaluate_exits_without_event_loop_noise(trained_gpt, tmp_path):

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from fusedlm.research import models, objectives
-from fusedlm.research.runs import checkpoint
+from fusedlm.research.runs import saved_run
 from fusedlm.research.runs.parallel import replicate
 from fusedlm.research.training import eval_loop, steps
 from fusedlm.research.training.eval_loop import evaluate_batches
@@ -24,7 +24,7 @@ def test_evaluating_twice_gives_identical_numbers(trained_gpt, trained_bert):
 
 def test_trained_beats_untrained_by_a_clear_margin(trained_gpt):
   trained = eval_loop.evaluate_run(trained_gpt, max_batches=8)["metrics"]
-  run = checkpoint.open_run(trained_gpt)
+  run = saved_run.open_run(trained_gpt)
   devices = jax.local_devices()[:1]
   causal = objectives.get("causal")
   batches, _ = causal.eval_data(run.config, run.tokenizer, 16)
@@ -91,6 +91,11 @@ def test_command_line_writes_json_and_refuses_a_missing_step(trained_gpt):
   written = json.loads((trained_gpt / "eval" / "step_40.json").read_text())
   assert written["step"] == 40 and written["metrics"]["batches"] == 2
   assert "perplexity" in done.stdout
+  # The smoke config asks for "xla"; each of its 2 layers is named.
+  attention = ("  self-attention x2 (q_len 64, kv_len 64): xla (requested)"
+               " [transformer/layer_0/attention .. transformer/layer_1/attention]")
+  assert written["attention"][1:] == [attention]
+  assert attention in done.stdout.splitlines()
   bad = _cli("--workdir", str(trained_gpt), "--step", "3")
   assert bad.returncode == 2
   assert "no checkpoint at step 3" in bad.stderr and "Traceback" not in bad.stderr

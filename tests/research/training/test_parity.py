@@ -4,7 +4,7 @@ Each test builds a small transformers model (GPT2LMHeadModel, BertForPreTraining
 with transformers' own initialisation, imports those weights into fusedlm
 (research.models.hf_import, whose forward parity tests/research/models/
 test_hf_import.py checks), and trains both for STEPS steps on the same batches,
-drawn from fusedlm's pipeline exactly as research.train draws them
+drawn from fusedlm's pipeline exactly as fusedlm train draws them
 (objective.train_data, then batch(step)):
 
   fusedlm    research.training.steps' pmapped train step on 2 CPU devices (so the loss is
