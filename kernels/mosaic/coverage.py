@@ -18,7 +18,7 @@ from fusedlm.kernels.mosaic.tiles import MAX_HEAD_DIM, SPLIT_HEAD_DIM
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # wgmma's 16-bit inputs
 # The entry point's variant arguments (kernels.variants.PLAIN) the kernel
-# does not take yet: the per-head boolean mask (a bias of -inf does its work).
+# does not take yet: the per-head boolean mask.
 UNWIRED_VARIANTS = frozenset({"mask"})
 
 
