@@ -15,6 +15,7 @@ def get_config(arg: str = ""):
   config = run_config.defaults()
   config.model.preset = "gpt2_small"  # 12 layers, 768 wide, 12 heads, tied LM head
   config.model.dropout = 0.0  # nanoGPT-style pretraining uses none
+  config.model.logits_chunk = 4096  # the 50k-vocab logits a chunk at a time (see ModelConfig)
   config.data.vocab_size = 50257  # GPT-2's size (a small corpus yields fewer)
   config.data.seq_len = 1024
   config.optimizer.learning_rate = 6e-4  # GPT-3 paper's rate for 125M

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from fusedlm.kernels import masking, variants
+from fusedlm.kernels import masking, target, variants
 from fusedlm.kernels.tiling import pad_axis
 from fusedlm.kernels.triton import notice, tiles
 from fusedlm.kernels.triton.block_sizes import BlockSizes, check_fits, clamp, padded_head_dim
@@ -387,10 +387,13 @@ def flash_attention(
   interpreter (any backend, e.g. CPU); otherwise they are compiled through
   Triton, which needs an NVIDIA GPU.
   """
-  if not interpret and jax.default_backend() != "gpu":
+  # The device the call is traced for (kernels.target): a compile-only GPU
+  # counts, so whole steps compile for an H100 on a CPU machine.
+  device = target.current_device()
+  if not interpret and not target.is_gpu(device):
     raise ValueError(
         "the Pallas kernel compiles only for NVIDIA GPUs (through Triton); on"
-        f" the {jax.default_backend()!r} backend pass interpret=True or use"
+        f" a {target.describe(device)} pass interpret=True or use"
         " implementation='xla'."
     )
   if not interpret:

@@ -91,6 +91,14 @@ class ModelConfig:
   param_dtype: str = "float32"
   # Rematerialise each block's activations in the backward pass (saves memory).
   remat: bool = False
+  # Tokens whose output-layer logits the causal LM loss (decoder) computes at
+  # once; 0 = every token of the batch ([batch, seq, vocab] float32 logits
+  # materialise, 2.5 GB for GPT-2 small at 12 x 1024). > 0: the tied output
+  # layer and the cross-entropy run over chunks of this many tokens, each
+  # recomputed in the backward, so only one chunk's logits exist at a time.
+  # Same loss, in float32; how the model runs, not what it computes (a resume
+  # may change it).
+  logits_chunk: int = 0
   # Attention implementation: "auto" (per call: mosaic on a Hopper GPU where
   # the kernel takes the call, pallas on other GPUs and for the rest, tpu on a
   # TPU, xla elsewhere), "pallas", "xla", "cudnn", "mosaic" (Hopper;
@@ -161,7 +169,10 @@ class ModelConfig:
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
                "max_len", "type_vocab_size", "num_labels", "sliding_window",
-               "relative_buckets", "relative_max_distance")
+               "relative_buckets", "relative_max_distance", "logits_chunk")
+# Fields that change how a model runs (kernels, memory), not its parameters or
+# what it computes: a resume may change them (runs.run_files.check_resumable).
+RUNTIME_FIELDS = frozenset({"attention", "remat", "logits_chunk"})
 _FLOAT_FIELDS = ("rotary_base", "dropout", "attention_dropout", "layer_norm_eps",
                  "attention_soft_cap", "init_std")
 _BOOL_FIELDS = ("remat", "mlm", "nsp", "span_head", "share_embeddings")
@@ -192,7 +203,7 @@ def _validate(cfg: ModelConfig):
     value = getattr(cfg, name)
     if not _is_int(value):
       raise ValueError(f"ModelConfig.{name} must be an int, got {value!r}.")
-    least = 0 if name in ("num_labels", "sliding_window") else 1
+    least = 0 if name in ("num_labels", "sliding_window", "logits_chunk") else 1
     if value < least:
       raise ValueError(f"ModelConfig.{name} must be >= {least}, got {value}.")
   for name in _FLOAT_FIELDS:

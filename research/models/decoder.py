@@ -97,6 +97,25 @@ class Decoder(nn.Module):
       self.classifier(hidden[:, -1])
     return self.embeddings.attend(hidden)
 
+  def final_hidden(
+      self,
+      input_ids,  # [batch, seq] int32
+      *,
+      positions=None,  # [batch, seq] int; default 0..seq-1
+      segment_ids=None,  # [batch, seq] int
+      deterministic: bool = True,
+  ):  # -> (hidden [batch, seq, hidden] compute dtype, table [vocab, hidden])
+    """`__call__` without its output layer: the hidden states after the final LN
+    and the tied output table, whose product is the logits. The chunked LM
+    loss (objectives.chunked_loss.chunked_lm_cross_entropy) takes these, so that
+    the [batch, seq, vocab] logits never exist whole."""
+    if positions is None:
+      positions = default_positions(input_ids)
+    x = self.embed(input_ids, positions, deterministic=deterministic)
+    hidden = self.hidden_states(
+        x, positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+    return hidden, self.embeddings.output_table()
+
   def embed(self, input_ids, positions, deterministic: bool = True):
     """Token (+ learned position) embeddings [batch, seq, hidden]."""
     return self.embeddings(input_ids, positions, deterministic=deterministic)

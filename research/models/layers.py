@@ -132,6 +132,10 @@ class Embeddings(nn.Module):
     """The output layer tied to the token embedding."""
     return self._token_table().attend(x)
 
+  def output_table(self):  # -> [vocab, hidden], the parameter dtype
+    """The tied output layer's matrix (`attend` is x @ output_table()^T)."""
+    return self._token_table().embedding
+
   def _token_table(self) -> Embedding:
     return self.token if self.shared_token is None else self.shared_token
 

@@ -4,7 +4,8 @@
     run        new, 300 steps (checkpoint every 300, eval every 100)
     model      decoder, 4 layers x 256 wide, 4 heads of 64; 3.42M parameters
                (float32 storage, bfloat16 compute)
-    attention  auto -> xla
+    attention  auto: self-attention x4 -> xla (cpu backend: the fused kernels compile
+               for NVIDIA GPUs and TPUs)
     devices    8 x cpu (1 process)
     batch      32 rows x 128 tokens = 4,096 tokens a step (4 rows a device)
     data       corpus builtin, bpe tokenizer, vocabulary 8,192
@@ -18,12 +19,13 @@ run's result goes to stdout.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 
 import jax
 
-from fusedlm.kernels import resolve_implementation
+from fusedlm.research.models import resolved_attention
 
 
 def parameter_count(abstract_params) -> int:
@@ -40,21 +42,17 @@ def _count(n: int) -> str:
   return str(n)
 
 
-def describe_attention(model_cfg) -> str:
-  """The model's attention implementation, and what "auto" resolves to here.
-
-  "auto" resolves per call (`kernels.explain_implementation`); the banner
-  shows its answer for a plain self-attention of the model's shapes at
-  max_len. A call with a variant the fastest kernel lacks may differ
-  (`research.models.resolved_attention` lists each layer's).
-  """
-  q = jax.ShapeDtypeStruct((1, model_cfg.max_len, model_cfg.num_heads, model_cfg.head_dim),
-                           model_cfg.compute_dtype)
-  kv = jax.ShapeDtypeStruct((1, model_cfg.max_len, model_cfg.kv_heads, model_cfg.head_dim),
-                            model_cfg.compute_dtype)
-  resolved = resolve_implementation(model_cfg.attention, q, kv, kv)
-  return (model_cfg.attention if resolved == model_cfg.attention
-          else f"{model_cfg.attention} -> {resolved}")
+def describe_attention(model_cfg, objective, batch) -> str:
+  """What the train step's attention calls run here, per kind of call (as
+  "auto" resolves per call): "auto: self-attention x12 -> mosaic (Hopper
+  GPU, a call the kernel takes)"; "xla" alone when every call runs what the
+  config names."""
+  calls = resolved_attention.for_batch(model_cfg, objective, batch, training=True)
+  groups = collections.Counter((call.kind, call.resolution) for call in calls)
+  if all(r.implementation == model_cfg.attention for _, r in groups):
+    return model_cfg.attention
+  return f"{model_cfg.attention}: " + "; ".join(
+      f"{kind} x{n} -> {r.implementation} ({r.reason})" for (kind, r), n in groups.items())
 
 
 def describe_start(start: int, total: int, config) -> str:

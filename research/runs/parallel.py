@@ -64,6 +64,25 @@ def replicate(tree, devices=None):
   return jax.tree_util.tree_map(put, tree)
 
 
+def put_batch(batch: dict, devices) -> dict:
+  """This process's share of a global batch, already `shard`ed to [local devices,
+  per_device, ...], placed on its devices as the pmap input over `devices`
+  (a global array whose other shards live on the other processes), so that
+  the transfer can happen before the step that reads it."""
+  devices = list(devices)
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  local = local_devices(devices)
+
+  def put(x):
+    x = np.asarray(x)
+    pieces = [jax.device_put(x[i:i + 1], d) for i, d in enumerate(local)]
+    return jax.make_array_from_single_device_arrays(
+        (len(devices), *x.shape[1:]), sharding, pieces)
+
+  return jax.tree_util.tree_map(put, batch)
+
+
 def local_devices(devices) -> list:
   """The members of `devices` that this process drives."""
   me = jax.process_index()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fusedlm.research import run_config
 from fusedlm.research.data import Tokenizer, load_tokenizer, partials
-from fusedlm.research.models.config import ModelConfig
+from fusedlm.research.models.config import RUNTIME_FIELDS, ModelConfig
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -128,7 +128,8 @@ def check_resumable(workdir, config, model_cfg_dict: dict, *,
   current_model = ModelConfig.from_dict(model_cfg_dict).to_dict()
   saved_model = (ModelConfig.from_dict(saved_model).to_dict() if saved_model is not None
                  else current_model)
-  diffs = run_config.diff_model(saved_model, current_model)
+  diffs = [diff for diff in run_config.diff_model(saved_model, current_model)
+           if diff.split(":")[0] not in RUNTIME_FIELDS]
   if diffs:
     raise ValueError(
         f"the checkpoint in {workdir} was written for a different model; refusing"

@@ -35,11 +35,12 @@ from fusedlm.research.runs import banner, parallel, run_files
 from fusedlm.research.runs import checkpoint as ckpt_lib
 from fusedlm.research.runs import logger as run_logging
 from fusedlm.research.runs.lock import WorkdirLock
-from fusedlm.research.runs.parallel import replicate, shard, unreplicate
+from fusedlm.research.runs.parallel import replicate, unreplicate
 from fusedlm.research.runs.warm_start import WarmStart, transfer_params
 from fusedlm.research.training import optimizer
 from fusedlm.research.training import steps as steps_lib
 from fusedlm.research.training.eval_loop import evaluate_batches
+from fusedlm.research.training.prefetch import Prefetcher
 
 DATA_NOTICE_SECONDS = 1.0  # data preparation longer than this is announced
 
@@ -218,7 +219,8 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     print(banner.format_banner(
         workdir=workdir.absolute(), start=start, total=total, config=config,
         model_cfg=model_cfg, num_params=banner.parameter_count(host_state.params),
-        attention=banner.describe_attention(model_cfg), devices=devices,
+        attention=banner.describe_attention(model_cfg, objective, data.train.batch(start)),
+        devices=devices,
         objective=objective.name, tokenizer=data.tokenizer), file=sys.stderr, flush=True)
   state = replicate(host_state, devices)
   del host_state
@@ -301,6 +303,7 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     return restored_summary
 
   summary: dict = {}
+  batches = None
   t0 = time.perf_counter()
   try:
     if start:
@@ -308,12 +311,13 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
     end = total if stop_at is None else min(stop_at, total)
     finished_at = time.perf_counter()  # when the loop was done with the last step
     stage.started = True
+    # This process's share of each global batch, [local devices, per_device,
+    # ...], assembled and put on the devices ahead of its step.
+    batches = Prefetcher(data.train.batch, range(start, end), devices)
     for step in range(start, end):
       iteration_start = time.perf_counter()
       profiler.step(step, state)
-      # This process's share of the global batch: [local devices, per_device, ...].
-      batch = shard(data.train.batch(step), n_local)
-      state, sums = p_train(state, batch)
+      state, sums = p_train(state, batches.get(step))
       if pending is not None:
         # The previous step's metrics, while this one runs. Its row is stamped
         # with the start of this iteration: every row's throughput covers whole
@@ -345,6 +349,8 @@ def _train_opened(ckpt, config, workdir, objective, devices, progress, stop_at,
       summary = ({k: v for k, v in row.items() if k not in ("step", "split")}
                  if row else evaluate(total))
   finally:
+    if batches is not None:
+      batches.close()
     profiler.close(state)
     logger.close()
   return {"eval": summary, "start_step": start, "seconds": time.perf_counter() - t0,

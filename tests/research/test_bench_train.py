@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from fusedlm.kernels import IMPLEMENTATIONS
+from fusedlm.kernels.bench import mosaic_compile
 from tests.commands import fusedlm
 from tests.research.conftest import ROOT
 
@@ -53,4 +55,36 @@ def test_an_unknown_implementation_is_one_line(tmp_path):
   assert done.returncode == 2
   assert done.stderr.strip() == (
       "fusedlm bench-train: error: --impls: unknown implementation(s) ['flash'];"
-      " choose from auto, pallas, xla, cudnn, mosaic.")
+      f" choose from {', '.join(IMPLEMENTATIONS)}.")
+
+
+def test_compile_for_h100_states_each_steps_compiled_memory(tmp_path):
+  """Compiled for a compile-only H100 (JAX >= 0.11 with the CUDA plugin and
+  ptxas: CI's second pass), nothing run: memory per row, no timings."""
+  try:
+    mosaic_compile.h100_device()
+  except mosaic_compile.InspectError as e:
+    pytest.skip(f"cannot compile for an H100 here: {e}")
+  output = tmp_path / "bench.json"
+  done = fusedlm("bench-train", f"--config={CONFIG}", "--batch_size=4", "--seq_len=64",
+                 "--impls=mosaic,xla", "--compile_for=h100", "--config.model.dtype=bfloat16",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}", f"--output={output}")
+  assert done.returncode == 0, done.stderr
+  result = json.loads(output.read_text())
+  assert result["compile_only"] and "H100" in result["device"] and result["host"] is None
+  _, mosaic, xla = result["rows"]
+  for row in (mosaic, xla):
+    assert row["error"] is None and row["memory_bytes"] > 0, row
+    assert row["ms_per_step"] is None and row["loss"] is None
+  assert "mosaic (requested)" in mosaic["attention"][0]
+  assert "compiled, not run" in done.stdout.splitlines()[0]
+
+
+def test_dropping_a_field_the_batches_lack_is_one_line(tmp_path):
+  done = fusedlm("bench-train", f"--config={CONFIG}", "--batch_size=4", "--seq_len=32",
+                 "--impls=xla", "--drop_fields=mlm_positions",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}",
+                 f"--output={tmp_path / 'x.json'}")
+  assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+  assert "cannot drop ['mlm_positions']: the causal batches hold" in done.stderr
+  assert not (tmp_path / "x.json").exists()

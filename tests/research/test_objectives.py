@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusedlm.research import objectives
+from fusedlm.research import models, objectives
+from fusedlm.research.models import config as model_config
+from fusedlm.research.objectives.chunked_loss import chunked_lm_cross_entropy
 
 
 def _log_softmax(x):
@@ -186,3 +188,57 @@ def test_span_loss_is_the_mean_of_start_and_end_cross_entropies_over_real_tokens
   np.testing.assert_allclose(sums["loss_sum"], sum(want), rtol=1e-5)
   np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)
   assert float(sums["count"]) == 2.0 and float(sums["correct"]) == 1.0
+
+
+@pytest.mark.parametrize("chunk", [5, 64])  # 5 divides no length here: a padded chunk
+def test_chunked_lm_loss_equals_the_plain_one_in_values_and_gradients(chunk):
+  cfg = model_config.tiny_gpt().replace(vocab_size=97, dtype="float32", attention="xla")
+  params = models.random_params(cfg, seed=0)
+  rng = np.random.RandomState(0)
+  inputs = rng.randint(0, 97, (3, 12)).astype(np.int32)
+  batch = {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1),
+           "loss_mask": (rng.rand(3, 12) > 0.2).astype(np.float32),
+           "weights": np.array([1.0, 1.0, 0.0], np.float32)}  # a padding row
+
+  def loss_and_sums(params, logits_chunk):
+    model = models.build_model(cfg.replace(logits_chunk=logits_chunk))
+    outputs = objectives.get("causal").outputs(model, {"params": params}, batch)
+    return objectives.causal_lm_loss(outputs, batch)
+
+  (plain, plain_sums), plain_grads = jax.value_and_grad(
+      lambda p: loss_and_sums(p, 0), has_aux=True)(params)
+  (chunked, chunked_sums), chunked_grads = jax.value_and_grad(
+      lambda p: loss_and_sums(p, chunk), has_aux=True)(params)
+  np.testing.assert_allclose(chunked, plain, rtol=1e-6)
+  for key in ("loss_sum", "correct", "count"):
+    np.testing.assert_allclose(chunked_sums[key], plain_sums[key], rtol=1e-6)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      chunked_grads, plain_grads)
+
+
+def test_chunked_cross_entropy_gradients_match_autodiff_of_the_whole_logits():
+  """hidden, table and weights, with ignored labels out of range (-100) and a
+  padded last chunk: the one-pass gradients are autodiff's of the plain sums."""
+  rng = np.random.RandomState(1)
+  hidden = jnp.asarray(rng.randn(2, 7, 16), jnp.float32)
+  table = jnp.asarray(rng.randn(11, 16) * 0.3, jnp.float32)
+  labels = jnp.asarray(rng.randint(0, 11, (2, 7)))
+  weights = jnp.asarray((rng.rand(2, 7) > 0.3) * rng.rand(2, 7) * 2, jnp.float32)
+  labels = jnp.where(weights > 0, labels, -100)
+  cotangent = jnp.asarray([1.5, 0.25, -0.5])  # one each for loss_sum, correct, count
+
+  def plain(hidden, table, weights):
+    m = objectives.weighted_cross_entropy(jnp.einsum("bth,vh->btv", hidden, table),
+                                          labels, weights)
+    return jnp.stack([m["loss_sum"], m["correct"], m["count"]]) @ cotangent
+
+  def chunked(hidden, table, weights):
+    m = chunked_lm_cross_entropy(hidden, table, labels, weights, chunk=4, dtype=jnp.float32)
+    return jnp.stack([m["loss_sum"], m["correct"], m["count"]]) @ cotangent
+
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(hidden, table, weights)
+  got, got_grads = jax.value_and_grad(chunked, argnums=(0, 1, 2))(hidden, table, weights)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for name, g, w in zip(("hidden", "table", "weights"), got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -3,8 +3,11 @@ finished run that says so, and no debris from a run refused at set-up."""
 
 import sys
 
+import numpy as np
 import pytest
 
+from fusedlm.research import objectives
+from fusedlm.research.models import config as model_config
 from fusedlm.research.runs import banner
 from fusedlm.research.training import eval_loop, loop
 from tests.research.conftest import tiny_gpt_config
@@ -122,3 +125,13 @@ def test_start_lines():
   assert banner.describe_start(500, 1000, config).startswith("resuming at step 500 of 1000")
   config.optimizer.accumulation_steps = 4
   assert "(250 updates of 4 micro-batches)" in banner.describe_start(0, 1000, config)
+
+
+def test_auto_attention_names_what_each_kind_of_call_resolves_to():
+  cfg = model_config.tiny_gpt()
+  tokens = np.zeros((2, 16), np.int32)
+  batch = {"inputs": tokens, "targets": tokens, "loss_mask": np.ones((2, 16), np.float32)}
+  causal = objectives.get("causal")
+  described = banner.describe_attention(cfg.replace(attention="auto"), causal, batch)
+  assert described.startswith(f"auto: self-attention x{cfg.num_layers} -> "), described
+  assert banner.describe_attention(cfg.replace(attention="xla"), causal, batch) == "xla"
