@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fusedlm.kernels import BlockSizes, flash_attention
+from fusedlm.kernels import BlockSizes, flash_attention, target_device
 from fusedlm.kernels.bench.mosaic_compile import PLUGINS
+from tests.kernels.stand_ins import H100
 
 # JAX >= 0.11 with its CUDA plugin installed compiles Triton kernels while
 # lowering, which needs a GPU; CI's second pass installs the plugin (for the
@@ -56,8 +57,9 @@ def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
       "kv_segment_ids": jax.ShapeDtypeStruct((batch, kv_len), jnp.int32),
   }
   blocks = BlockSizes.get_default(head_dim, dtype)
-  lowered = lower_forward_and_backward_for_cuda(
-      q, k, causal, {m: shapes[m] for m in masks}, blocks)
+  with target_device(H100):  # the kernel checks the device it is traced for
+    lowered = lower_forward_and_backward_for_cuda(
+        q, k, causal, {m: shapes[m] for m in masks}, blocks)
   text = lowered.as_text()
   for kernel in ("fusedlm_flash_fwd", "fusedlm_flash_bwd_dkv",
                  "fusedlm_flash_bwd_dq"):
