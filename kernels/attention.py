@@ -11,10 +11,8 @@ and the masks of `kernels.masking`, and dispatches to
   * "pallas": the fused kernel of `kernels.triton.attention` (compiled through
     Triton on an NVIDIA GPU, run by Pallas' interpreter elsewhere);
   * "xla": the plain reference of `kernels.reference` (materialises scores);
-  * "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention`;
-  * "mosaic": the Hopper kernel of `kernels.mosaic.attention` (Pallas' Mosaic
-    GPU backend: wgmma, TMA, warp specialisation; compute capability 9.x,
-    run by Mosaic GPU's interpreter elsewhere with JAX >= 0.11);
+  * "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention`
+    (of the variants, the bias and the window);
   * "tpu": the TPU kernel of `kernels.tpu.attention` (Pallas' Mosaic TPU
     backend: MXU tiles, VMEM scratch, scalar-prefetched block skipping; run
     by Pallas' TPU interpreter off TPU); it takes every variant;
@@ -27,10 +25,10 @@ and the masks of `kernels.masking`, and dispatches to
 
   1. a GPU of compute capability 9.x (H100, H200), JAX >= 0.11, and a call
      the Mosaic kernel takes (`kernels.mosaic.coverage.refusal`: bfloat16
-     or float16, head dims up to 128, none of bias, mask, window, soft-cap,
-     dropout, lse, top-left alignment): "mosaic", the fastest there
-     (0.80x-1.18x cuDNN, 1.2x-1.8x the Triton kernel on an H200,
-     BENCHMARKS.md);
+     or float16, head dims up to 256, every variant but the per-head boolean
+     mask, a bias only up to head dim 128): "mosaic", the fastest there for
+     plain attention (0.80x-1.18x cuDNN, 1.2x-1.8x the Triton kernel on an
+     H200, BENCHMARKS.md; the variants are not yet measured on a GPU);
   2. any other NVIDIA GPU, or a call the Mosaic kernel lacks: "pallas";
   3. a TPU: "tpu", which takes every variant;
   4. every other backend: "xla".
@@ -186,7 +184,7 @@ def dot_product_attention(
     logits_soft_cap: c * tanh(x / c) on the (biased) scores (Gemma 2).
     dropout_rate, dropout_rng: dropout on the attention probabilities, from
       counter-based bits of (dropout_rng, batch, head, row, column); the
-      "pallas" and "xla" implementations draw the same bits. Pass
+      "pallas", "mosaic" and "xla" implementations draw the same bits. Pass
       dropout_rate=0 (or leave it) in evaluation and decoding.
     return_lse: also return the rows' log-sum-exp (natural log; -inf on a
       row that sees no key), differentiable, so that attention over chunks
@@ -254,15 +252,22 @@ def dot_product_attention(
                        " use 'auto', 'pallas' or 'xla'.")
     if not interpret:
       check_mosaic_device()
+    del variant_args["mask"]  # refused above unless None
     if mosaic_decode.is_decoding(q.shape[1]):
-      return mosaic_decode.decode_attention(q, k, v, **masks)
-    return mosaic_attention(q, k, v, **masks, block_sizes=block_sizes,
+      return mosaic_decode.decode_attention(q, k, v, **masks, **variant_args)
+    return mosaic_attention(q, k, v, **masks, **variant_args, block_sizes=block_sizes,
                             interpret=interpret or False)
-  if given:
+  unwired = [name for name in given if name not in _CUDNN_TAKES]
+  if unwired:
     raise ValueError(
         f"implementation={implementation!r} is not wired for"
-        f" {', '.join(given)}; use 'pallas', 'tpu' or 'xla', which take every variant.")
-  return cudnn_attention(q, k, v, **masks)
+        f" {', '.join(unwired)}; use 'pallas', 'tpu' or 'xla', which take every variant.")
+  return cudnn_attention(q, k, v, **masks,
+                         **{name: variant_args[name] for name in _CUDNN_TAKES})
+
+
+# The variant arguments cuDNN takes, through jax.nn.dot_product_attention.
+_CUDNN_TAKES = ("bias", "causal_alignment", "local_window_size")
 
 
 def _as_array(name: str, x):

@@ -163,17 +163,53 @@ def _mulhilo(a, m: int):
   return hi, lo
 
 
-def philox4x32(counter, key, rounds: int = PHILOX_ROUNDS):
+class PhiloxWords:
+  """The word arithmetic Philox needs beside xor, on uint32 jnp arrays.
+
+  A kernel whose words are another type (Mosaic GPU's register arrays) or
+  that has a hardware high multiply passes its own (the same bits).
+  """
+
+  mulhilo = staticmethod(_mulhilo)  # (high, low) halves of a * m
+
+  @staticmethod
+  def add(a, w: int):
+    return a + jnp.uint32(w)
+
+
+def philox4x32(counter, key, rounds: int = PHILOX_ROUNDS, words=PhiloxWords):
   """Philox-4x32 (Random123): 4 uint32 counter words, 2 key words -> 4 words."""
   c0, c1, c2, c3 = counter
   k0, k1 = key
   for _ in range(rounds):
-    hi0, lo0 = _mulhilo(c0, _PHILOX_M[0])
-    hi1, lo1 = _mulhilo(c2, _PHILOX_M[1])
+    hi0, lo0 = words.mulhilo(c0, _PHILOX_M[0])
+    hi1, lo1 = words.mulhilo(c2, _PHILOX_M[1])
     c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    k0 = k0 + jnp.uint32(_PHILOX_W[0])
-    k1 = k1 + jnp.uint32(_PHILOX_W[1])
+    k0 = words.add(k0, _PHILOX_W[0])
+    k1 = words.add(k1, _PHILOX_W[1])
   return c0, c1, c2, c3
+
+
+def dropout_counter(batch, head, rows, cols):
+  """Philox's counter words (column, row, head, batch) of each pair, uint32,
+  broadcast to the shape of rows and cols (query and key positions)."""
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
+  rows, cols = jnp.broadcast_arrays(u32(rows), u32(cols))
+  zeros = jnp.zeros_like(rows)
+  return cols, rows, zeros + u32(head), zeros + u32(batch)
+
+
+def dropout_threshold(rate: float) -> int:
+  """A pair is kept iff its 32 random bits (unsigned) are >= this."""
+  return min(int(round(rate * 2.0**32)), 2**32 - 1)
+
+
+def dropout_keep(seed, batch, head, rows, cols, rate: float):
+  """True where a pair is kept (bool, broadcast shape); `dropout_scale`'s args."""
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
+  bits, _, _, _ = philox4x32(dropout_counter(batch, head, rows, cols),
+                             (u32(seed[0]), u32(seed[1])))
+  return bits >= jnp.uint32(dropout_threshold(rate))
 
 
 def dropout_scale(seed, batch, head, rows, cols, rate: float):
@@ -182,12 +218,5 @@ def dropout_scale(seed, batch, head, rows, cols, rate: float):
   seed: [2] uint32 (or its two words); batch, head: scalar ints; rows, cols:
   int arrays of query and key positions that broadcast against each other.
   """
-  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
-  rows, cols = jnp.broadcast_arrays(u32(rows), u32(cols))
-  zeros = jnp.zeros_like(rows)
-  bits, _, _, _ = philox4x32(
-      (cols, rows, zeros + u32(head), zeros + u32(batch)),
-      (u32(seed[0]), u32(seed[1])))
-  threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
-  return jnp.where(bits >= threshold, jnp.float32(1.0 / (1.0 - rate)),
-                   jnp.float32(0.0))
+  return jnp.where(dropout_keep(seed, batch, head, rows, cols, rate),
+                   jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))

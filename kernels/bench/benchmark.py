@@ -20,7 +20,11 @@ Smoke run (tiny sizes; the default on a CPU, where Pallas runs interpreted):
   fusedlm bench-attention --smoke --out=/tmp/bench_smoke
 
 Each flag narrows the sweep, e.g. `--seq_lens=4096 --head_dims=128
---passes=fwd --impls=pallas,cudnn --causal=on --reps=100`. Writes a table to stdout,
+--passes=fwd --impls=pallas,cudnn --causal=on --reps=100`. `--variants=none,
+dropout,window,softcap,bias` adds the attention variants' cells
+(`kernels.bench.variant_cells`); `--impls=mosaic,mosaic:num_stages=3` puts
+Mosaic kernel configurations side by side (an A/B of a tuning step in one
+call). Writes a table to stdout,
 `attention_bench.json` (every cell, device, JAX version, date, command) and
 `attention_bench.png` (TFLOP/s against N) under --out. Method and column
 meanings: `kernels.bench.measure`, `kernels.bench.report`, BENCHMARKS.md.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 import shlex
 import sys
@@ -38,7 +43,7 @@ import jax
 import jaxlib
 from absl import flags
 
-from fusedlm.kernels.bench import command_line, measure, report
+from fusedlm.kernels.bench import command_line, measure, report, variant_cells
 
 JSON_NAME = "attention_bench.json"
 PNG_NAME = "attention_bench.png"
@@ -85,7 +90,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     + "; default bfloat16 on GPU, float32 elsewhere", **f)
   flags.DEFINE_list("passes", list(measure.PASSES), "fwd,fwd+bwd", **f)
   flags.DEFINE_list("impls", list(measure.IMPLEMENTATIONS),
-                    "comma list of " + ", ".join(measure.IMPLEMENTATIONS), **f)
+                    "comma list of " + ", ".join(measure.IMPLEMENTATIONS)
+                    + "; mosaic:field=value+field=value adds the Mosaic kernel"
+                    " with those MosaicBlockSizes fields (class defaults for the"
+                    " rest), e.g. mosaic:num_stages=3", **f)
+  flags.DEFINE_list("variants", ["none"], "comma list of "
+                    + ", ".join(variant_cells.VARIANTS) + " (kernels.bench."
+                    "variant_cells: dropout 0.1, a 1024-key window, soft-cap 50,"
+                    " a [1, H, N, N] bias)", **f)
   flags.DEFINE_enum("causal", "both", list(_CAUSAL), "causal masking", **f)
   flags.DEFINE_integer("tokens", None, "batch * seq_len (batch >= 1)",
                        lower_bound=1, **f)
@@ -120,8 +132,8 @@ def resolve(f: flags.FlagValues) -> dict:
                         preset.head_dims),
       "dtypes": pick(dtypes, ("bfloat16",) if accelerator else ("float32",)),
       "passes": command_line.names("passes", f.passes, measure.PASSES),
-      "implementations": command_line.names("impls", f.impls,
-                                            measure.IMPLEMENTATIONS),
+      "implementations": _implementations(f.impls),
+      "variants": command_line.names("variants", f.variants, variant_cells.VARIANTS),
       "causal": _CAUSAL[f.causal],
       "tokens": pick(f.tokens, preset.tokens),
       "width": pick(f.width, preset.width),
@@ -133,6 +145,15 @@ def resolve(f: flags.FlagValues) -> dict:
       "seed": f.seed,
       "out": f.out,
   }
+
+
+def _implementations(items) -> tuple[str, ...]:
+  """--impls: names of measure.IMPLEMENTATIONS, or mosaic:field=value+..."""
+  plain = [x for x in items if not x.startswith("mosaic:")]
+  command_line.names("impls", plain, measure.IMPLEMENTATIONS)
+  for item in items:
+    measure.mosaic_blocks(item)  # ValueError names a bad configuration
+  return tuple(items)
 
 
 def problem_for(sweep: dict, dtype: str, head_dim: int, seq_len: int):
@@ -150,8 +171,10 @@ def run_sweep(sweep: dict) -> list[dict]:
       errors=sweep["errors"],
       ref_budget_bytes=int(sweep["ref_budget_mb"] * 2**20))
   ref_cache, cells = {}, []
+  variants = sweep.get("variants", ("none",))
   total = (len(sweep["dtypes"]) * len(sweep["head_dims"]) * len(sweep["seq_lens"])
-           * len(sweep["causal"]) * len(sweep["passes"]) * len(sweep["implementations"]))
+           * len(sweep["causal"]) * len(sweep["passes"]) * len(variants)
+           * len(sweep["implementations"]))
   for dtype in sweep["dtypes"]:
     for head_dim in sweep["head_dims"]:
       for seq_len in sweep["seq_lens"]:
@@ -159,14 +182,13 @@ def run_sweep(sweep: dict) -> list[dict]:
         n_sets = measure.num_input_sets(
             problem, int(sweep["rotate_mb"] * 2**20))
         input_sets = measure.make_input_sets(problem, n_sets, sweep["seed"])
-        for causal in sweep["causal"]:
-          for pass_ in sweep["passes"]:
-            for impl in sweep["implementations"]:
-              cell = measure.measure_cell(
-                  impl, problem, causal, pass_, input_sets, settings, ref_cache)
-              cell["input_sets"] = n_sets
-              cells.append(cell)
-              _progress(cell, len(cells), total)
+        for causal, pass_, variant, impl in itertools.product(
+            sweep["causal"], sweep["passes"], variants, sweep["implementations"]):
+          cell = measure.measure_cell(impl, problem, causal, pass_, input_sets,
+                                      settings, ref_cache, variant)
+          cell["input_sets"] = n_sets
+          cells.append(cell)
+          _progress(cell, len(cells), total)
         del input_sets
         ref_cache.clear()
   _progress(None, len(cells), total)
@@ -182,9 +204,10 @@ def _progress(cell: dict | None, done: int, total: int) -> None:
     sys.stderr.write("\r\033[K")
   else:
     result = (f"{cell['median_ms']:.4g} ms" if cell["status"] == "ok" else cell["status"])
+    variant = "" if cell["variant"] == "none" else f" {cell['variant']}"
     sys.stderr.write(f"\r\033[Kcell {done}/{total}: {cell['label']} D={cell['head_dim']}"
                      f" N={cell['seq_len']} {'causal ' if cell['causal'] else ''}"
-                     f"{cell['pass']}: {result}")
+                     f"{cell['pass']}{variant}: {result}")
   sys.stderr.flush()
 
 

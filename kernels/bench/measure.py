@@ -30,13 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusedlm.kernels.attention import dot_product_attention
+from fusedlm.kernels.bench import variant_cells
+from fusedlm.kernels.mosaic.tiles import MosaicBlockSizes
 from fusedlm.kernels.reference import reference_attention
 
 IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla", "cudnn", "jax-triton")
 PASSES = ("fwd", "fwd+bwd")
 BWD_FLOP_FACTOR = 3.5  # fwd+bwd = 2.5 backward matmul passes + 1 forward.
 FLOP_FORMULA = (
-    "fwd = 4*B*H*N*N*D (halved when causal); fwd+bwd = 3.5 x fwd"
+    "fwd = 4*B*H*N*N*D (halved when causal; the window's band only); fwd+bwd"
+    " = 3.5 x fwd"
 )
 MEMORY_MEASURE = (
     "compiled executable memory_analysis(): argument + output + temp - alias"
@@ -63,12 +66,13 @@ class Problem:
     return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
 
 
-def attention_flops(problem: Problem, causal: bool, pass_: str) -> float:
-  """FLOPs of one call: 4*B*H*N*N*D forward, halved causal, x3.5 fwd+bwd."""
+def attention_flops(problem: Problem, causal: bool, pass_: str,
+                    variant: str = "none") -> float:
+  """FLOPs of one call: 4*B*H*D per visible (query, key) pair (N*N, halved
+  causal, the band of a local window) forward, x3.5 fwd+bwd."""
   p = problem
-  flops = 4.0 * p.batch * p.num_heads * p.seq_len**2 * p.head_dim
-  if causal:
-    flops /= 2
+  pairs = variant_cells.visible_pairs(variant, causal, p.seq_len)
+  flops = 4.0 * p.batch * p.num_heads * pairs * p.head_dim
   return flops * (BWD_FLOP_FACTOR if pass_ == "fwd+bwd" else 1.0)
 
 
@@ -87,38 +91,67 @@ def label(implementation: str) -> str:
   return f"{implementation} (interpret)" if interpreted else implementation
 
 
-def attention_fn(implementation: str, causal: bool):
-  """f(q, k, v) -> out for one implementation; ValueError if unavailable."""
+def mosaic_blocks(implementation: str) -> MosaicBlockSizes | None:
+  """The MosaicBlockSizes of an implementation "mosaic:field=value+..." (a
+  tuning configuration, from the class defaults), None for plain "mosaic"."""
+  name, _, spec = implementation.partition(":")
+  if name != "mosaic" or not spec:
+    return None
+  fields = {}
+  for item in spec.split("+"):
+    key, _, value = item.partition("=")
+    if not key.isidentifier() or not value.strip().lstrip("-").isdigit():
+      raise ValueError(f"{implementation}: give mosaic:field=value+... with"
+                       f" integer values, got {item!r}.")
+    fields[key] = int(value)
+  try:
+    return MosaicBlockSizes(**fields)
+  except TypeError as e:
+    raise ValueError(f"{implementation}: {e}") from e
+
+
+def attention_fn(implementation: str, causal: bool, variant: str = "none"):
+  """f(q, k, v, extra) -> out for one implementation and variant (extra: the
+  variant's arrays, `variant_cells.arrays`); ValueError if unavailable."""
   interpret = not on_gpu()
-  if implementation in ("pallas", "mosaic", "tpu", "xla", "cudnn"):
-    extra = {"interpret": interpret} if implementation == "pallas" else {}
-    if implementation == "tpu":
-      extra = {"interpret": not on_tpu()}
-    return lambda q, k, v: dot_product_attention(
-        q, k, v, causal=causal, implementation=implementation, **extra)
+  kwargs = variant_cells.static_kwargs(variant, causal)
+  base, blocks = implementation.partition(":")[0], mosaic_blocks(implementation)
+  if base in ("pallas", "mosaic", "tpu", "xla", "cudnn"):
+    if base == "pallas":
+      kwargs["interpret"] = interpret
+    if base == "tpu":
+      kwargs["interpret"] = not on_tpu()
+    if blocks is not None:
+      kwargs["block_sizes"] = blocks
+    return lambda q, k, v, extra: dot_product_attention(
+        q, k, v, causal=causal, implementation=base, **kwargs, **extra)
   if implementation == "jax-triton":
+    if variant != "none":
+      raise ValueError(f"jax-triton: takes no {variant}.")
     try:
       from jax.experimental.pallas.ops.gpu import attention as jax_attention
     except ImportError as e:
       raise ValueError(f"jax-triton: not in this JAX ({e}).") from e
     # Default blocks (128); it needs seq_len a multiple of min(128, seq_len).
-    return lambda q, k, v: jax_attention.mha(
+    return lambda q, k, v, extra: jax_attention.mha(
         q, k, v, None, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal,
         interpret=interpret)
   raise ValueError(
       f"unknown implementation {implementation!r}; choose from"
-      f" {', '.join(IMPLEMENTATIONS)}.")
+      f" {', '.join(IMPLEMENTATIONS)} (or mosaic:field=value+...).")
 
 
 def pass_fn(attn, pass_: str):
-  """The jitted function a cell times: fwd(q, k, v) or fwd+bwd(q, k, v, ct)."""
+  """The jitted function a cell times: fwd(q, k, v, extra) or fwd+bwd(q, k,
+  v, ct, extra), the gradient w.r.t. q, k, v and the variant's arrays."""
   if pass_ == "fwd":
     return jax.jit(attn)
 
-  def loss(q, k, v, ct):  # ct: [B, N, H, D], a fixed random cotangent
-    return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
+  def loss(q, k, v, extra, ct):  # ct: [B, N, H, D], a fixed random cotangent
+    return jnp.sum(attn(q, k, v, extra).astype(jnp.float32) * ct.astype(jnp.float32))
 
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  return jax.jit(lambda q, k, v, ct, extra: grad(q, k, v, extra, ct))
 
 
 def make_input_sets(problem: Problem, n_sets: int, seed: int):
@@ -137,8 +170,8 @@ def num_input_sets(problem: Problem, rotate_bytes: int) -> int:
   return min(64, max(2, math.ceil(rotate_bytes / set_bytes)))
 
 
-def call_args(input_set, pass_: str):
-  return input_set[:3] if pass_ == "fwd" else input_set
+def call_args(input_set, pass_: str, extra: dict):
+  return (*input_set[:3], extra) if pass_ == "fwd" else (*input_set, extra)
 
 
 def memory_bytes(compiled) -> dict | None:
@@ -201,46 +234,57 @@ def error_problem(problem: Problem, budget_bytes: int) -> tuple[Problem, int]:
   return small, rows
 
 
-def reference_tail(q, k, v, ct, rows: int, causal: bool, need_dq: bool):
+def reference_tail(q, k, v, ct, extra, rows: int, causal: bool, need_dq: bool,
+                   variant: str = "none"):
   """float32 reference output (and dq) of the last `rows` query rows.
 
   With causal masks aligned bottom-right (`kernels.masking`), the last rows
   against all keys are exactly those rows of the full problem, and so is
   their dq (dq_i depends only on row i's cotangent).
   """
-  def run(q, k, v, ct):  # each [1, N, h, D]; out, dq: [1, rows, h, D] float32
+  kwargs = variant_cells.static_kwargs(variant, causal)
+
+  def run(q, k, v, ct, extra):  # each [1, N, h, D]; out, dq: [1, rows, h, D] float32
     q, k, v, ct = (x.astype(jnp.float32) for x in (q, k, v, ct))
-    f = lambda q_tail: reference_attention(q_tail, k, v, causal=causal)
+    extra = variant_cells.last_rows(variant_cells.cast(extra, jnp.float32), rows)
+    f = lambda q_tail: reference_attention(q_tail, k, v, causal=causal, **kwargs,
+                                           **extra)
     if not need_dq:
       return f(q[:, -rows:]), None
     out, vjp = jax.vjp(f, q[:, -rows:])
     return out, vjp(ct[:, -rows:])[0]
 
-  return jax.jit(run)(q, k, v, ct)
+  return jax.jit(run)(q, k, v, ct, extra)
 
 
-def implementation_tail(attn, q, k, v, ct, rows: int, need_dq: bool):
+def implementation_tail(attn, q, k, v, ct, extra, rows: int, need_dq: bool):
   """The implementation's output (and dq) on the full problem, last rows kept."""
-  def run(q, k, v, ct):
+  def run(q, k, v, ct, extra):
     if not need_dq:
-      return attn(q, k, v), None
-    out, vjp = jax.vjp(attn, q, k, v)
+      return attn(q, k, v, extra), None
+    out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, extra), q, k, v)
     return out, vjp(ct)[0]
 
-  out, dq = jax.jit(run)(q, k, v, ct)
+  out, dq = jax.jit(run)(q, k, v, ct, extra)
   return out[:, -rows:], None if dq is None else dq[:, -rows:]
 
 
 def measure_error(attn, problem: Problem, causal: bool, need_dq: bool,
-                  seed: int, budget_bytes: int, ref_cache: dict) -> dict:
+                  seed: int, budget_bytes: int, ref_cache: dict,
+                  variant: str = "none") -> dict:
   """Relative errors of out (and dq) against the float32 reference."""
   small, rows = error_problem(problem, budget_bytes)
+  if not variant_cells.error_rows_ok(variant, rows, problem.seq_len):
+    raise ValueError(f"the reference of all {problem.seq_len} rows exceeds"
+                     " --ref_budget_mb, and dropout's bits follow absolute rows")
   q, k, v, ct = make_input_sets(small, 1, seed + 1)[0]
-  key = (small, rows, causal, need_dq)
+  extra = variant_cells.arrays(variant, small.shape, small.dtype, seed)
+  key = (small, rows, causal, need_dq, variant)
   if key not in ref_cache:
-    ref_cache[key] = reference_tail(q, k, v, ct, rows, causal, need_dq)
+    ref_cache[key] = reference_tail(q, k, v, ct, extra, rows, causal, need_dq,
+                                    variant)
   out_ref, dq_ref = ref_cache[key]
-  out, dq = implementation_tail(attn, q, k, v, ct, rows, need_dq)
+  out, dq = implementation_tail(attn, q, k, v, ct, extra, rows, need_dq)
   return {
       "out": relative_error(out, out_ref),
       "dq": None if dq is None else relative_error(dq, dq_ref),
@@ -274,19 +318,21 @@ class Settings:
 
 def measure_cell(implementation: str, problem: Problem, causal: bool,
                  pass_: str, input_sets, settings: Settings,
-                 ref_cache: dict) -> dict:
+                 ref_cache: dict, variant: str = "none") -> dict:
   """One cell: time, TFLOP/s, memory and error, or why it could not run."""
-  flops = attention_flops(problem, causal, pass_)
+  flops = attention_flops(problem, causal, pass_, variant)
   cell = {
       "implementation": implementation, "label": label(implementation),
-      "pass": pass_, "causal": causal, "dtype": problem.dtype,
+      "variant": variant, "pass": pass_, "causal": causal, "dtype": problem.dtype,
       "batch": problem.batch, "seq_len": problem.seq_len,
       "num_heads": problem.num_heads, "head_dim": problem.head_dim,
       "flops": flops,
   }
   try:
-    attn = attention_fn(implementation, causal)
-    arg_sets = [call_args(s, pass_) for s in input_sets]
+    attn = attention_fn(implementation, causal, variant)
+    extra = variant_cells.arrays(variant, problem.shape, problem.dtype,
+                                 settings.seed)
+    arg_sets = [call_args(s, pass_, extra) for s in input_sets]
     compiled = pass_fn(attn, pass_).lower(*arg_sets[0]).compile()
     cell["memory_bytes"] = memory_bytes(compiled)
     seconds = time_calls(compiled, arg_sets, settings.warmup, settings.reps)
@@ -299,7 +345,7 @@ def measure_cell(implementation: str, problem: Problem, causal: bool,
     try:
       cell["error"] = measure_error(
           attn, problem, causal, pass_ == "fwd+bwd", settings.seed,
-          settings.ref_budget_bytes, ref_cache)
+          settings.ref_budget_bytes, ref_cache, variant)
     except Exception as e:  # noqa: BLE001
       cell["error"] = {"reason": failure(e)["reason"]}
   return cell

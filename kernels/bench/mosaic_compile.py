@@ -6,6 +6,7 @@ Launch (no GPU needed; JAX >= 0.11, its CUDA plugin and ptxas):
   pip install "nvidia-cuda-nvcc>=13.0.48,<14"
   fusedlm inspect mosaic                      # ours, D=64,128, fwd and bwd
   fusedlm inspect mosaic --head_dims=128 --passes=bwd --causal --group=4
+  fusedlm inspect mosaic --causal --variants=bias,dropout --head_dims=64,128,256
   fusedlm inspect mosaic --kernel=jax --blocks=block_kv_dkv=128  # JAX's
 
 (ptxas: from nvidia-cuda-nvcc, or a CUDA toolkit in /usr/local/cuda or
@@ -63,7 +64,7 @@ import jax
 import jaxlib
 from absl import flags
 
-from fusedlm.kernels.bench import command_line
+from fusedlm.kernels.bench import command_line, mosaic_cases
 
 MIN_JAX = (0, 11)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on sm_90 (opt-in maximum)
@@ -348,69 +349,6 @@ def format_row(label: str, report: KernelReport) -> str:
 # FlashAttention-3 (attention_mgpu) beside it for comparison.
 
 
-def fusedlm_case(head_dim: int, seq_len: int, heads: int, passes: str,
-                 dtype: str = "float16", *, causal: bool = False,
-                 segments: bool = False, group: int = 1,
-                 blocks: dict[str, int] | None = None):
-  """(fn, args) of our Mosaic kernel at [1, seq_len, heads, head_dim].
-
-  passes "fwd" compiles the forward kernel, "bwd" the gradient w.r.t. q, k,
-  v: the forward kernel (with L), then dQ, then dK/dV. group: query heads
-  per K/V head; segments: packed-sequence ids (every tile masked).
-  """
-  # pylint: disable-next=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from fusedlm.kernels.mosaic.attention import MosaicBlockSizes, mosaic_attention_any_device
-  block_sizes = MosaicBlockSizes(**(blocks or {}))
-  q = jax.ShapeDtypeStruct((1, seq_len, heads, head_dim), jnp.dtype(dtype))
-  kv = jax.ShapeDtypeStruct((1, seq_len, heads // group, head_dim), jnp.dtype(dtype))
-  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-
-  def forward(q, k, v, ids):
-    return mosaic_attention_any_device(
-        q, k, v, causal=causal, segment_ids=ids if segments else None,
-        block_sizes=block_sizes)
-
-  def backward(q, k, v, ids):
-    loss = lambda *qkv: forward(*qkv, ids).astype(jnp.float32).sum()
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-  return {"fwd": forward, "bwd": backward}[passes], (q, kv, kv, ids)
-
-
-
-def attention_mgpu_case(head_dim: int, seq_len: int, heads: int, passes: str,
-                        dtype: str = "float16", blocks: dict[str, int] | None = None):
-  """(fn, args) of JAX's attention_mgpu at [1, seq_len, heads, head_dim]; passes fwd or bwd.
-
-  bwd differentiates w.r.t. q, k, v: the forward kernel, then dQ, then dK/dV.
-  """
-  # pylint: disable-next=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jax.experimental.pallas.ops.gpu import attention_mgpu
-  try:  # attention_mgpu asks for it while tracing (a causal-mask ptxas bug)
-    attention_mgpu.cuda_versions.cuda_runtime_get_version()
-  except Exception as e:  # pylint: disable=broad-except
-    raise InspectError(
-        "JAX's attention_mgpu needs the CUDA runtime library (libcudart) to trace;"
-        ' pip install "nvidia-cuda-runtime>=13.0.48,<14"') from e
-  settings = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
-                  block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
-  settings.update(blocks or {})
-  config = attention_mgpu.TuningConfig(**settings)
-  x = jax.ShapeDtypeStruct((1, seq_len, heads, head_dim), jnp.dtype(dtype))
-
-  def forward(q, k, v):
-    return attention_mgpu.attention(q, k, v, config)
-
-  def backward(q, k, v):
-    loss = lambda *qkv: forward(*qkv).astype(jnp.float32).sum()
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-  return {"fwd": forward, "bwd": backward}[passes], (x, x, x)
-
-
 def define_flags(flag_values: flags.FlagValues) -> None:
   f = dict(flag_values=flag_values)
   flags.DEFINE_enum("kernel", "fusedlm", ["fusedlm", "jax"], "fusedlm: ours"
@@ -419,6 +357,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_bool("segments", False, "segment ids (ours)", **f)
   flags.DEFINE_integer("group", 1, "query heads per K/V head (ours)",
                        lower_bound=1, **f)
+  flags.DEFINE_list("variants", [], "ours: any of "
+                    + ", ".join(mosaic_cases.VARIANTS), **f)
+  flags.DEFINE_integer("v_head_dim", None, "ours: V's head dim (default: the"
+                       " head dim)", lower_bound=1, **f)
+  flags.DEFINE_enum("bias_dtype", None, ["float32", "float16", "bfloat16"],
+                    "ours, --variants=bias: the bias's dtype (default --dtype)", **f)
   flags.DEFINE_list("head_dims", ["64", "128"], "comma list of head dims", **f)
   flags.DEFINE_integer("seq_len", 2048, "sequence length", lower_bound=64, **f)
   flags.DEFINE_integer("heads", 8, "query (= key/value) heads", lower_bound=1, **f)
@@ -447,6 +391,7 @@ def run(f: flags.FlagValues) -> None:
   head_dims = command_line.ints("head_dims", f.head_dims)
   passes = command_line.names("passes", f.passes, ("fwd", "bwd"))
   blocks = blocks_from(f.blocks)
+  variants = command_line.names("variants", f.variants, mosaic_cases.VARIANTS)
   plugin = check_environment()
   print(f"# sm_90a (compile-only H100); jax {jax.__version__}, {plugin}"
         f" {importlib.metadata.version(plugin.replace('_', '-'))}, {ptxas_path()};"
@@ -457,12 +402,14 @@ def run(f: flags.FlagValues) -> None:
     for which in passes:
       try:
         if f.kernel == "jax":
-          fn, args = attention_mgpu_case(head_dim, f.seq_len, f.heads, which,
-                                         f.dtype, blocks)
+          fn, args = mosaic_cases.attention_mgpu_case(
+              head_dim, f.seq_len, f.heads, which, f.dtype, blocks)
         else:
-          fn, args = fusedlm_case(head_dim, f.seq_len, f.heads, which, f.dtype,
-                                  causal=f.causal, segments=f.segments,
-                                  group=f.group, blocks=blocks)
+          fn, args = mosaic_cases.fusedlm_case(
+              head_dim, f.seq_len, f.heads, which, f.dtype, causal=f.causal,
+              segments=f.segments, group=f.group, blocks=blocks,
+              variants=tuple(variants), v_head_dim=f.v_head_dim,
+              bias_dtype=f.bias_dtype)
       except TypeError as e:
         raise ValueError(f"--blocks: {e}") from e
       start = time.perf_counter()
@@ -471,7 +418,10 @@ def run(f: flags.FlagValues) -> None:
       label = f"D={head_dim} {which}"
       if f.kernel == "fusedlm":
         label += ((" causal" if f.causal else "") + (" seg" if f.segments else "")
-                  + (f" g{f.group}" if f.group > 1 else ""))
+                  + (f" g{f.group}" if f.group > 1 else "")
+                  + (f" dv{f.v_head_dim}" if f.v_head_dim else "")
+                  + "".join(f" {name}" for name in variants)
+                  + (f" {f.bias_dtype}" if f.bias_dtype and "bias" in variants else ""))
       for report in reports:
         print(format_row(f"{label} ({seconds:.1f}s)", report), flush=True)
 

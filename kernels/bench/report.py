@@ -27,7 +27,7 @@ _COLUMNS = (  # (header, width)
 
 def _cell_key(cell: dict) -> tuple:
   return (cell["dtype"], cell["pass"], cell["causal"], cell["head_dim"],
-          cell["seq_len"])
+          cell["seq_len"], cell.get("variant", "none"))
 
 
 def add_ratios(cells: list[dict]) -> None:
@@ -41,12 +41,14 @@ def add_ratios(cells: list[dict]) -> None:
 
 
 def _panel_key(cell: dict) -> tuple:
-  return (cell["dtype"], cell["head_dim"], cell["causal"], cell["pass"])
+  return (cell["dtype"], cell["head_dim"], cell["causal"], cell["pass"],
+          cell.get("variant", "none"))
 
 
 def _panel_title(key: tuple) -> str:
-  dtype, head_dim, causal, pass_ = key
-  return f"{dtype} | head_dim {head_dim} | {'causal' if causal else 'non-causal'} | {pass_}"
+  dtype, head_dim, causal, pass_, variant = key
+  return (f"{dtype} | head_dim {head_dim} | {'causal' if causal else 'non-causal'}"
+          f" | {pass_}" + ("" if variant == "none" else f" | {variant}"))
 
 
 def _number(x, fmt: str) -> str:
@@ -114,7 +116,7 @@ def write_json(path, meta: dict, cells: list[dict]) -> None:
 def plot(path, cells: list[dict], meta: dict) -> None:
   """TFLOP/s against N, one line per implementation, one panel per setting."""
   rows = sorted({(c["dtype"], c["head_dim"]) for c in cells})
-  cols = sorted({(c["causal"], c["pass"]) for c in cells})
+  cols = sorted({(c["causal"], c["pass"], c.get("variant", "none")) for c in cells})
   # A bare Figure on the Agg canvas: no pyplot state, no display needed.
   fig = Figure(figsize=(4.2 * len(cols), 3.4 * len(rows)))
   FigureCanvasAgg(fig)
@@ -122,7 +124,8 @@ def plot(path, cells: list[dict], meta: dict) -> None:
   for (i, row), (j, col) in itertools.product(enumerate(rows), enumerate(cols)):
     ax = axes[i][j]
     panel = [c for c in cells if (c["dtype"], c["head_dim"]) == row
-             and (c["causal"], c["pass"]) == col and c["status"] == "ok"]
+             and (c["causal"], c["pass"], c.get("variant", "none")) == col
+             and c["status"] == "ok"]
     for name in dict.fromkeys(c["label"] for c in cells):
       line = sorted((c["seq_len"], c["tflops"]) for c in panel
                     if c["label"] == name)

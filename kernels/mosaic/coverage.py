@@ -14,14 +14,12 @@ from collections.abc import Collection
 
 import jax.numpy as jnp
 
-from fusedlm.kernels.mosaic.tiles import MAX_HEAD_DIM
+from fusedlm.kernels.mosaic.tiles import MAX_HEAD_DIM, SPLIT_HEAD_DIM
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # wgmma's 16-bit inputs
 # The entry point's variant arguments (kernels.variants.PLAIN) the kernel
-# does not take yet.
-UNWIRED_VARIANTS = frozenset({
-    "bias", "mask", "causal_alignment", "local_window_size", "logits_soft_cap",
-    "dropout_rate", "return_lse"})  # a dropout_rng without a rate is plain
+# does not take yet: the per-head boolean mask.
+UNWIRED_VARIANTS = frozenset({"mask"})
 
 
 def refusal(*, dtype, head_dim: int, v_head_dim: int,
@@ -41,4 +39,9 @@ def refusal(*, dtype, head_dim: int, v_head_dim: int,
   widest = max(head_dim, v_head_dim)
   if widest > MAX_HEAD_DIM:
     return f"mosaic takes head dims up to {MAX_HEAD_DIM}, not {widest}"
+  if "bias" in variants and widest > SPLIT_HEAD_DIM:
+    # Past 128 the forward's Q, K and V tiles leave no shared memory for the
+    # bias ring even at 64-key tiles (`MosaicBlockSizes.smem_bytes`).
+    return (f"mosaic takes a bias at head dims up to {SPLIT_HEAD_DIM}, not"
+            f" {widest} (shared memory)")
   return None

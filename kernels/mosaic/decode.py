@@ -25,8 +25,12 @@ def is_decoding(q_len: int) -> bool:
 
 
 def decode_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
-                     segment_ids=None, kv_segment_ids=None):
-  """Attention of q [batch, q_len <= MAX_Q_LEN, heads, d] over k, v, in XLA."""
+                     segment_ids=None, kv_segment_ids=None, **variant_args):
+  """Attention of q [batch, q_len <= MAX_Q_LEN, heads, d] over k, v, in XLA.
+
+  variant_args: the entry point's (`kernels.variants`), which the reference
+  takes, dropout's bits included.
+  """
   return reference_attention(
       q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, **variant_args)

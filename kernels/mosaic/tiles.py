@@ -1,9 +1,10 @@
-"""What the Mosaic GPU attention kernels share: their tiles, static settings and masks.
+"""What the Mosaic GPU attention kernels share: tiles, head dims, static settings, launch.
 
-`kernels.mosaic.forward` and `kernels.mosaic.backward` hold the kernels,
-`kernels.mosaic.attention` the differentiable entry point and the design.
-Shapes are named per helper; a tile is [rows, cols] float32 in the WGMMA
-layout of one consumer warpgroup (64 rows).
+`kernels.mosaic.forward`, `kernels.mosaic.backward_dq` and
+`kernels.mosaic.backward_dkv` hold the kernels, `kernels.mosaic.attention`
+the differentiable entry point and the design. Shapes are named per helper;
+a tile is [rows, cols] float32 in the WGMMA layout of one consumer
+warpgroup (64 rows).
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fusedlm.kernels.tiling import LOG2E, is_power_of_two
+from fusedlm.kernels import variants
+from fusedlm.kernels.tiling import LOG2E, SMEM_BYTES, is_power_of_two
 
-# dK and dV accumulators of a 64-key block at head dim d take d registers a
-# thread together (2 x 64 x d float32 over 128 threads); past 128 they do not
-# fit a consumer's 240 beside the tiles, and the dQ kernel's shared memory
-# passes 227 KiB. Head dim 256 needs the accumulators split over the head
-# dim: not built; 'pallas' takes it.
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 256
 HEAD_DIM_QUANTUM = 64  # 64 16-bit elements: one 128-byte swizzled row.
+# Past this head dim a consumer has no registers for a whole row block's
+# accumulators beside its tiles (2 x 64 x d float32 for dK and dV over 128
+# threads: d registers a thread, of 240). The backward kernels then share
+# rows (dQ: each consumer holds one half of the head dim) or keys (dK/dV:
+# one consumer holds dK, the other dV) between their two consumers.
+SPLIT_HEAD_DIM = 128
 COMPUTE_WARPGROUPS = 2
 # setmaxnreg's split of the 65536 registers over 3 x 128 threads: 240 for each
 # consumer, 24 for the producer (upstream's 232 / 40 left the dK/dV kernel
@@ -42,6 +45,43 @@ HEAD_AXIS = "fusedlm_mosaic_heads"
 Q_AXIS = "fusedlm_mosaic_q_blocks"
 KV_AXIS = "fusedlm_mosaic_kv_blocks"
 WARPGROUP_AXIS = "fusedlm_mosaic_warpgroup"
+CTA_AXIS = "fusedlm_mosaic_cta"  # the persistent forward grid's one axis
+# How Pallas lays out shared memory (JAX 0.11.2): every scratch buffer starts
+# on a 1024-byte boundary, a kernel with row reductions reserves 2 KiB for
+# them (CompilerParams.reduction_scratch_bytes), and the barriers come after.
+SMEM_ALIGNMENT = 1024
+REDUCTION_SCRATCH_BYTES = 2048
+BARRIER_BYTES = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+  """The padded head dims of a call, the byte sizes of its tiles, and how
+  the backward kernels share them between their consumers."""
+
+  d: int  # q and k head dim, padded
+  dv: int  # v head dim, padded
+  itemsize: int  # of q, k, v
+  bias_itemsize: int = 0  # of the bias; 0 without one
+  # The dK/dV kernel's consumers share their keys, one holding dK and the
+  # other dV (past SPLIT_HEAD_DIM always; see `mosaic.attention`).
+  dkv_roles: bool = False
+
+  @classmethod
+  def padded(cls, head_dim: int, v_head_dim: int, itemsize: int,
+             bias_itemsize: int = 0, dkv_roles: bool = False) -> "Dims":
+    """Each head dim padded to whole 64-wide swizzled rows, or to whole
+    halves of 128-wide ones where the dQ kernel splits them."""
+    wide = max(head_dim, v_head_dim) > SPLIT_HEAD_DIM
+    quantum = HEAD_DIM_QUANTUM * (2 if wide else 1)
+    pad = lambda n: pl.cdiv(n, quantum) * quantum
+    return cls(pad(head_dim), pad(v_head_dim), itemsize, bias_itemsize,
+               dkv_roles or wide)
+
+  @property
+  def parts(self) -> int:
+    """Head-dim halves the dQ kernel's consumers split (1: each owns its rows)."""
+    return 2 if max(self.d, self.dv) > SPLIT_HEAD_DIM else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +95,16 @@ class MosaicBlockSizes:
     keys and streams block_q_dkv query rows a step); num_stages_bwd: both
     backward rings. Each is a power of two and a multiple of 64: a
     warpgroup's wgmma has M = 64 rows, and the tiles are 64-row swizzled.
+    At head dims over 128 the backward CTAs own block_q_dq rows and
+    block_kv_dkv keys (the consumers split the head dim instead).
+
+  Schedules, off by default until a GPU run measures them (BENCHMARKS.md,
+  the Hopper kernel's tuning plan; `fusedlm bench-attention
+  --impls=mosaic,mosaic:bwd_pingpong=1` puts them side by side):
+  bwd_pingpong: 1 makes the backward consumers take turns at the tensor
+    cores, as the forward's do (step M6); persistent: 0 launches one forward
+    CTA per block of rows; N > 0 launches N (the GPU's SM count: 132 on an
+    H100 or H200) that loop over the blocks, the longest first (step M7).
   """
 
   block_q: int = 64
@@ -65,6 +115,8 @@ class MosaicBlockSizes:
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
   num_stages_bwd: int = 2
+  bwd_pingpong: int = 0
+  persistent: int = 0
 
   def __post_init__(self):
     for field in ("block_q", "block_kv", "block_q_dq", "block_kv_dq",
@@ -84,32 +136,61 @@ class MosaicBlockSizes:
         raise ValueError(
             f"MosaicBlockSizes.{field} must be an int of at least 2 (a ring"
             f" that overlaps loads with products), got {value!r}.")
+    if self.bwd_pingpong not in (0, 1):
+      raise ValueError(
+          f"MosaicBlockSizes.bwd_pingpong must be 0 or 1, got {self.bwd_pingpong!r}.")
+    if not isinstance(self.persistent, int) or self.persistent < 0:
+      raise ValueError(
+          "MosaicBlockSizes.persistent must be 0 (a CTA per block of rows) or"
+          f" the number of CTAs, got {self.persistent!r}.")
 
   @classmethod
-  def get_default(cls, head_dim: int) -> "MosaicBlockSizes":
-    """The table (head dims 64 and 128): the defaults, compiled without
-    spills for sm_90a (`fusedlm inspect mosaic`); not yet tuned
-    on a GPU."""
-    del head_dim
-    return cls()
+  def get_default(cls, dims: Dims) -> "MosaicBlockSizes":
+    """The table, compiled without spills for sm_90a (`fusedlm inspect
+    mosaic`); not yet tuned on a GPU. Where a variant's tiles (a bias) or a
+    wide head dim would overflow shared memory, the streamed tiles shrink to
+    64 rows."""
+    blocks = cls()
+    if max(dims.d, dims.dv) > SPLIT_HEAD_DIM:
+      blocks = dataclasses.replace(blocks, block_kv=64)
+    used = blocks.smem_bytes(dims)
+    if used["forward"] > SMEM_BYTES:
+      blocks = dataclasses.replace(blocks, block_kv=64)
+    return blocks
 
-  def smem_bytes(self, head_dim: int, itemsize: int) -> dict[str, int]:
-    """Shared memory of each kernel's scratch (tiles and row vectors)."""
-    wgs = COMPUTE_WARPGROUPS
-    tile = lambda rows: rows * head_dim * itemsize
-    fwd = (wgs * tile(self.block_q)  # Q, reused for O
-           + 2 * self.num_stages * tile(self.block_kv)  # K and V rings
-           + wgs * self.block_q * 8  # L out, q segment ids
-           + self.num_stages * self.block_kv * 4)  # kv segment ids
-    dq = (2 * wgs * tile(self.block_q_dq)  # Q (reused for dQ), dO
-          + 2 * self.num_stages_bwd * tile(self.block_kv_dq)
-          + 3 * wgs * self.block_q_dq * 4
-          + self.num_stages_bwd * self.block_kv_dq * 4)
-    dkv = (2 * wgs * tile(self.block_kv_dkv)  # K, V (reused for dK, dV)
-           + 2 * self.num_stages_bwd * tile(self.block_q_dkv)  # Q, dO rings
-           + 3 * self.num_stages_bwd * self.block_q_dkv * 4  # L, D, q ids
-           + wgs * self.block_kv_dkv * 4)
-    return {"forward": fwd, "dq": dq, "dkv": dkv}
+  def smem_bytes(self, dims: Dims) -> dict[str, int]:
+    """Shared memory of each kernel: its scratch buffers, each aligned as
+    Pallas allocates them, the forward's reduction scratch, and a margin
+    for the barriers."""
+    wgs, n, bias = COMPUTE_WARPGROUPS, dims.itemsize, dims.bias_itemsize
+    s = self.num_stages
+    bq, bkv = self.block_q, self.block_kv
+    fwd = [wgs * bq * dims.d * n,  # Q, reused for O
+           wgs * bq * dims.dv * n if dims.dv != dims.d else 0,  # O
+           s * bkv * dims.d * n, s * bkv * dims.dv * n,  # K and V rings
+           wgs * bq * 4, wgs * bq * 4, s * bkv * 4,  # L out, segment ids
+           s * wgs * bq * bkv * bias]
+    # With the head dim split, both consumers share one block of rows (keys).
+    sets = wgs if dims.parts == 1 else 1
+    s = self.num_stages_bwd
+    bq, bkv = self.block_q_dq, self.block_kv_dq
+    dq = [sets * bq * dims.d * n, sets * bq * dims.dv * n,  # Q (then dQ), dO
+          sets * bq * 4, sets * bq * 4, sets * bq * 4,  # L, D, segment ids
+          s * bkv * dims.d * n, s * bkv * dims.dv * n, s * bkv * 4,  # K, V ring
+          s * sets * bq * bkv * bias,
+          sets * bq * bkv * 4 if bias and (bias < 4 or sets == 1) else 0]  # dS out (d bias)
+    sets = 1 if dims.dkv_roles else wgs
+    bq, bkv = self.block_q_dkv, self.block_kv_dkv
+    dkv = [sets * bkv * dims.d * n, sets * bkv * dims.dv * n,  # K, V (then dK, dV)
+           sets * bkv * 4,
+           s * bq * dims.d * n, s * bq * dims.dv * n,  # Q, dO ring
+           s * bq * 4, s * bq * 4, s * bq * 4,  # L, D, segment ids
+           s * sets * bkv * bq * bias,
+           s * bkv * bq * n if dims.dkv_roles else 0]  # P, dV's side to dK's
+    total = lambda buffers: sum(
+        pl.cdiv(x, SMEM_ALIGNMENT) * SMEM_ALIGNMENT for x in buffers) + BARRIER_BYTES
+    return {"forward": total(fwd) + REDUCTION_SCRATCH_BYTES, "dq": total(dq),
+            "dkv": total(dkv)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +205,20 @@ class MosaicStatic:
   has_segments: bool
   blocks: MosaicBlockSizes
   interpret: Any  # False or a plgpu.InterpretGPUParams
-
-  @property
-  def offset(self) -> int:
-    """Bottom-right causal: query i sees key j iff j <= i + offset."""
-    return self.kv_len - self.q_len
+  offset: int  # query i sits at key position i + offset (kernels.variants)
+  dims: Dims
+  var: variants.Variants = variants.Variants()
 
   @property
   def score_scale(self) -> float:
     """Multiplier taking a raw q.k product to log2 units."""
     return self.scale * LOG2E
+
+
+def bias_index(st: MosaicStatic, batch, head):
+  """The (batch, head) of the bias array [batch|1, heads|1, ...] to read."""
+  per_batch, per_head = st.var.bias
+  return (batch if per_batch else 0), (head if per_head else 0)
 
 
 def launch(body, st: MosaicStatic, *, name: str, out_type, scratch_types, grid,
@@ -182,93 +267,3 @@ def positions(start, shape, axis: int):
   layout = plgpu.Layout.WGMMA.reduce(1 - axis)
   vector = plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0, layout=layout)
   return lax.broadcast_in_dim(start + vector, shape, [axis])
-
-
-def hide(st: MosaicStatic, s, q_first, kv_first, q_ids=None, kv_ids=None, *,
-          q_axis: int, tail: bool):
-  """The scores s of one tile with the pairs that may not attend at -inf.
-
-  s: [rows, cols] float32 in the WGMMA layout, queries along `q_axis` (0;
-  1 in the dK/dV kernel's transposed tiles), keys along the other, the
-  tile's first query and key at q_first / kv_first. q_ids / kv_ids: the
-  tile's segment id vectors (WGMMA.reduce(1 - axis) layouts), or None.
-  Causal masking follows st.causal; tail: also hide padded keys. Positions
-  are built only for the masks that need them: an unused iota has no layout
-  for Mosaic's layout inference to find.
-  """
-  shape, kv_axis = s.shape, 1 - q_axis
-  visible = None
-  def both(mask):
-    return mask if visible is None else visible & mask
-  if st.causal or tail:
-    keys = positions(kv_first, shape, kv_axis)
-    if st.causal:
-      visible = both(keys <= positions(q_first, shape, q_axis) + st.offset)
-    if tail:
-      visible = both(keys < st.kv_len)
-  if q_ids is not None:
-    visible = both(lax.broadcast_in_dim(q_ids, shape, [q_axis])
-                   == lax.broadcast_in_dim(kv_ids, shape, [kv_axis]))
-  return jnp.where(visible, s, -jnp.inf)
-
-
-def kv_steps(st: MosaicStatic, q_first, q_rows: int, block_kv: int):
-  """Key tiles a CTA of query rows [q_first, q_first + q_rows) streams.
-
-  Returns (steps, unmasked): tiles [0, steps) are visible to some row, and
-  tiles [0, unmasked) to every row, for causal and the padded tail (segment
-  ids mask every tile). Both are traced int32 scalars.
-  """
-  num_kv = pl.cdiv(st.kv_len, block_kv)
-  if not st.causal:
-    steps = jnp.int32(num_kv)
-    unmasked = jnp.int32(st.kv_len // block_kv)
-  else:
-    last_key = jnp.clip(q_first + q_rows + st.offset, 0, st.kv_len)
-    steps = lax.div(last_key + block_kv - 1, jnp.int32(block_kv))
-    # Tile j is whole for the first row iff its last key <= q_first + offset.
-    whole = lax.div(jnp.maximum(q_first + st.offset + 1, 0), jnp.int32(block_kv))
-    unmasked = jnp.minimum(whole, st.kv_len // block_kv)
-    unmasked = jnp.minimum(unmasked, steps)
-  if st.has_segments:
-    unmasked = jnp.int32(0)
-  # A CTA of padded rows only (q_pad rounds up to the largest tile) is sliced
-  # away: it streams nothing.
-  steps = jnp.where(q_first < st.q_len, steps, 0)
-  return steps, jnp.minimum(unmasked, steps)
-
-
-def masked_tail(st: MosaicStatic, block_kv: int) -> bool:
-  """Whether the last key tile holds padded keys that must be masked.
-
-  With causal masking a real row never sees a padded key (j <= i + offset
-  < kv_len), and padded rows are sliced away, so only the full mask needs it.
-  """
-  return st.kv_len % block_kv != 0 and not st.causal
-
-
-
-def q_steps(st: MosaicStatic, kv_first, kv_rows: int, block_q: int):
-  """Query tiles a CTA of keys [kv_first, kv_first + kv_rows) streams, per head.
-
-  Returns (first, unmasked_from, end): tiles [first, end) see some key of
-  the CTA, and tiles [unmasked_from, end) see all of them (causal; segment
-  ids mask every tile). Query tiles of padded rows only are skipped.
-  """
-  end = pl.cdiv(st.q_len, block_q)
-  if not st.causal:
-    first = jnp.int32(0)
-    unmasked_from = jnp.int32(end if st.has_segments else 0)
-    return first, unmasked_from, jnp.int32(end)
-  # Query i sees key j iff i >= j - offset.
-  first = jnp.clip(lax.div(jnp.maximum(kv_first - st.offset, 0), jnp.int32(block_q)),
-                   0, end)
-  last_key = kv_first + kv_rows - 1
-  whole = lax.div(jnp.maximum(last_key - st.offset, 0) + block_q - 1,
-                  jnp.int32(block_q))
-  unmasked_from = jnp.clip(whole, first, end)
-  if st.has_segments:
-    unmasked_from = jnp.int32(end)
-  # A CTA of padded keys only is sliced away.
-  first = jnp.where(kv_first < st.kv_len, first, end)
-  return first, jnp.maximum(unmasked_from, first), jnp.int32(end)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from fusedlm.kernels import IMPLEMENTATIONS
+from fusedlm.kernels.mosaic import coverage as mosaic_coverage
 
 KINDS = ("encoder", "decoder", "encoder_decoder")
 POSITIONS = ("learned", "rotary", "relative")
@@ -66,8 +67,8 @@ class ModelConfig:
   # Dropout on embeddings and on each sublayer's output before the residual add.
   dropout: float = 0.0
   # Dropout on attention probabilities (BERT, GPT-2: 0.1), in training only;
-  # the "pallas" and "xla" implementations apply it inside attention with the
-  # same random bits, "cudnn" refuses it.
+  # the "mosaic", "pallas" and "xla" implementations apply it inside attention
+  # with the same random bits, "cudnn" refuses it.
   attention_dropout: float = 0.0
   # Local attention: a query sees keys at most sliding_window - 1 positions
   # away (a decoder: the last sliding_window keys, itself included, as
@@ -254,10 +255,18 @@ def _validate(cfg: ModelConfig):
   if cfg.attention == "tpu" and cfg.dtype == "float16":
     raise ValueError("attention='tpu' takes dtype bfloat16 or float32 (TPUs have"
                      " no float16 arithmetic).")
-  if cfg.attention in ("cudnn", "mosaic") and variants:
+  if cfg.attention == "cudnn" and variants:
     raise ValueError(
         f"attention={cfg.attention!r} does not take {', '.join(variants)}; use"
         " attention='pallas', 'xla' or 'auto'.")
+  if cfg.attention == "mosaic":
+    # The kernel's own predicate; position="relative" is an attention bias.
+    refusal = mosaic_coverage.refusal(
+        dtype=cfg.dtype, head_dim=cfg.head_dim, v_head_dim=cfg.head_dim,
+        variants=("bias",) if cfg.position == "relative" else ())
+    if refusal is not None:
+      raise ValueError(f"attention='mosaic': {refusal}; use attention='pallas',"
+                       " 'xla' or 'auto'.")
   if cfg.init_std <= 0.0:
     raise ValueError(f"ModelConfig.init_std must be > 0, got {cfg.init_std}.")
   if cfg.layer_norm_eps <= 0.0:

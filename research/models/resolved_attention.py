@@ -11,9 +11,9 @@ nothing runs), and each attention call is recorded instead of run
 (self- or cross-attention), lengths, and `kernels.explain_implementation`'s
 answer for the call's own arguments on the device of `kernels.target` (the
 default backend's first device unless a `target_device` context names
-another). So "auto" shows as it resolves per call: a train step with
-attention dropout falls back to the Triton kernel where evaluation takes
-the Mosaic one, and a decoding step takes mosaic's decoding path.
+another). So "auto" shows as it resolves per call: on a Hopper GPU a
+float32 model, or a relative-position bias past head dim 128, falls back to
+the Triton kernel, and a decoding step takes mosaic's decoding path.
 """
 
 from __future__ import annotations

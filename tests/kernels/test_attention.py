@@ -58,8 +58,10 @@ def test_cudnn_gets_key_padding_as_a_full_mask(monkeypatch):
   """JAX 0.11's cuDNN path takes a mask only at full [B, 1, T, S] length."""
   seen = {}
 
-  def cudnn_stand_in(q, k, v, *, mask, scale, is_causal, implementation):
-    seen.update(mask=mask, implementation=implementation, is_causal=is_causal)
+  def cudnn_stand_in(q, k, v, *, bias, mask, scale, is_causal, local_window_size,
+                     implementation):
+    seen.update(mask=mask, implementation=implementation, is_causal=is_causal,
+                bias=bias, local_window_size=local_window_size)
     return jnp.zeros_like(q)
   monkeypatch.setattr(cudnn.jax.nn, "dot_product_attention", cudnn_stand_in)
   q, k, v, _, masks = make_inputs(
@@ -68,6 +70,7 @@ def test_cudnn_gets_key_padding_as_a_full_mask(monkeypatch):
   with kernels.target_device(H100):
     dot_product_attention(q, k, v, implementation="cudnn", **masks)
   assert seen["implementation"] == "cudnn" and not seen["is_causal"]
+  assert seen["bias"] is None and seen["local_window_size"] is None
   padding = np.asarray(masks["key_padding_mask"])
   np.testing.assert_array_equal(
       np.asarray(seen["mask"]), np.broadcast_to(padding[:, None, None, :], (2, 1, 24, 40)))

@@ -28,17 +28,17 @@ def call(dtype=jnp.bfloat16, head_dim=64, v_head_dim=None, q_len=256, kv_len=256
 
 @pytest.mark.parametrize("device", [H100, H200], ids=["h100", "h200"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
 def test_hopper_picks_mosaic_for_16_bit_inputs_and_its_head_dims(device, dtype, head_dim):
   choice = explain_implementation("auto", *call(dtype, head_dim), device=device)
   assert choice.implementation == "mosaic", choice
 
 
-# Each variant the Mosaic kernel lacks, as the entry point's keyword argument.
+# Each variant of the entry point, as its keyword argument (issue 25 wired
+# every one into the Mosaic kernel but the per-head boolean mask).
 VARIANTS = {
     "dropout_rate": dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
     "bias": dict(bias=jax.ShapeDtypeStruct((1, 8, 256, 256), jnp.float32)),
-    "mask": dict(mask=jax.ShapeDtypeStruct((1, 8, 256, 256), jnp.bool_)),
     "local_window_size": dict(local_window_size=(128, 0)),
     "logits_soft_cap": dict(logits_soft_cap=30.0),
     "return_lse": dict(return_lse=True),
@@ -47,16 +47,27 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_a_variant_mosaic_lacks_falls_back_to_pallas_naming_it(name):
-  choice = explain_implementation("auto", *call(), device=H100, **VARIANTS[name])
+@pytest.mark.parametrize("head_dim, v_head_dim", [(64, None), (128, 64), (256, 256)])
+def test_hopper_keeps_the_variants_mosaic_takes_on_mosaic(name, head_dim, v_head_dim):
+  choice = explain_implementation("auto", *call(head_dim=head_dim, v_head_dim=v_head_dim),
+                                  device=H100, **VARIANTS[name])
+  if name == "bias" and head_dim > 128:
+    assert choice.implementation == "pallas" and "bias at head dims up to 128" in choice.reason
+  else:
+    assert choice.implementation == "mosaic", choice
+
+
+def test_the_mask_mosaic_lacks_falls_back_to_pallas_naming_it():
+  mask = jax.ShapeDtypeStruct((1, 8, 256, 256), jnp.bool_)
+  choice = explain_implementation("auto", *call(), device=H100, mask=mask, **VARIANTS["bias"])
   assert choice.implementation == "pallas"
-  assert name in choice.reason
+  assert choice.reason == "mosaic does not take mask"
 
 
 @pytest.mark.parametrize("kwargs, reason", [
     (dict(dtype=jnp.float32), "bfloat16 or float16"),
-    (dict(head_dim=256), "head dims up to 128, not 256"),
-    (dict(head_dim=64, v_head_dim=192), "head dims up to 128, not 192"),
+    (dict(head_dim=320), "head dims up to 256, not 320"),
+    (dict(head_dim=64, v_head_dim=384), "head dims up to 256, not 384"),
 ])
 def test_inputs_mosaic_lacks_fall_back_to_pallas(kwargs, reason):
   choice = explain_implementation("auto", *call(**kwargs), device=H100)
@@ -152,11 +163,30 @@ def test_auto_runs_mosaic_on_hopper_and_its_decoding_path_for_one_row(ran):
     kernels.dot_product_attention(*_arrays(), causal=True, interpret=True)
     kernels.dot_product_attention(*_arrays(q_len=1), interpret=True)
     kernels.dot_product_attention(*_arrays(), logits_soft_cap=5.0, interpret=True)
+    kernels.dot_product_attention(*_arrays(), mask=jnp.ones((1, 1, 128, 128), bool),
+                                  interpret=True)
   with target_device(A100):
     kernels.dot_product_attention(*_arrays(), interpret=True)
   with target_device(CPU):
     kernels.dot_product_attention(*_arrays())
-  assert ran == ["mosaic", "mosaic decode", "pallas", "pallas", "xla"]
+  assert ran == ["mosaic", "mosaic decode", "mosaic", "pallas", "pallas", "xla"]
+
+
+def test_mosaic_receives_the_variant_arguments(monkeypatch):
+  received = {}
+  def mosaic(q, k, v, **kwargs):
+    received.update(kwargs)
+    return jnp.zeros(q.shape, q.dtype)
+  monkeypatch.setattr(entry, "mosaic_attention", mosaic)
+  key = jax.random.key(1)
+  with target_device(H100):
+    kernels.dot_product_attention(
+        *_arrays(), local_window_size=(16, 0), logits_soft_cap=5.0, dropout_rate=0.1,
+        dropout_rng=key, return_lse=True, causal_alignment="top_left", interpret=True)
+  assert received["local_window_size"] == (16, 0) and received["logits_soft_cap"] == 5.0
+  assert received["dropout_rate"] == 0.1 and received["dropout_rng"] is key
+  assert received["return_lse"] and received["causal_alignment"] == "top_left"
+  assert "mask" not in received
 
 
 def test_auto_under_jit_resolves_when_traced(ran):

@@ -296,6 +296,8 @@ def test_bad_variant_arguments_are_named(kwargs, message):
 
 
 def test_cudnn_refuses_the_variants_it_is_not_wired_for():
+  # jax.nn passes cuDNN a bias and a window; the soft-cap and dropout it has not.
   q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
-  with pytest.raises(ValueError, match="'cudnn' is not wired for local_window_size"):
-    dot_product_attention(q, q, q, local_window_size=4, implementation="cudnn")
+  with pytest.raises(ValueError, match="'cudnn' is not wired for logits_soft_cap"):
+    dot_product_attention(q, q, q, logits_soft_cap=4.0, local_window_size=4,
+                          implementation="cudnn")

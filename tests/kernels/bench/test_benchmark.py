@@ -19,6 +19,7 @@ from fusedlm.kernels import reference_attention
 from fusedlm.kernels.bench import benchmark
 from fusedlm.kernels.bench import measure as bench_measure
 from fusedlm.kernels.bench import report as bench_report
+from fusedlm.kernels.bench import variant_cells
 from tests.commands import fusedlm
 
 # Relative Frobenius error of float32 inputs against the float32 reference:
@@ -161,7 +162,7 @@ def test_reference_tail_equals_the_full_problem_rows(causal):
   # alignment they must match the same rows of the full problem, dq included.
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, ct = (jax.random.normal(key, (1, 64, 2, 16)) for key in keys)
-  out_tail, dq_tail = bench_measure.reference_tail(q, k, v, ct, 16, causal, True)
+  out_tail, dq_tail = bench_measure.reference_tail(q, k, v, ct, {}, 16, causal, True)
   f = lambda q: reference_attention(q, k, v, causal=causal)
   out, vjp = jax.vjp(f, q)
   (dq,) = vjp(ct)
@@ -182,6 +183,61 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
       "fusedlm bench-attention: error: --seq_lens takes a comma list of integers,"
       " got '128,x'."]
   assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def variant_results(tmp_path_factory):
+  """A smoke sweep of the variant cells (causal fwd+bwd; pallas, xla, cudnn)."""
+  out = tmp_path_factory.mktemp("bench_variants")
+  argv = ["--smoke", "--seq_lens=128", "--head_dims=64", "--dtype=float32",
+          "--impls=pallas,xla,cudnn", "--passes=fwd+bwd", "--causal=on",
+          "--variants=dropout,window,softcap,bias", "--reps=1", "--warmup=0",
+          f"--out={out}"]
+  with contextlib.redirect_stdout(io.StringIO()) as stdout:
+    benchmark.run(_parse(argv), argv)
+  with open(out / benchmark.JSON_NAME) as f:
+    return json.load(f), stdout.getvalue()
+
+
+def test_variant_cells_run_and_match_the_reference(variant_results):
+  data, table = variant_results
+  cells = {(c["implementation"], c["variant"]): c for c in data["cells"]}
+  assert sorted(cells) == sorted(
+      (i, v) for i in ("pallas", "xla", "cudnn")
+      for v in ("dropout", "window", "softcap", "bias"))
+  for variant in ("dropout", "window", "softcap", "bias"):
+    assert f"| {variant} ==" in table
+    for implementation in ("pallas", "xla"):
+      cell = cells[implementation, variant]
+      assert cell["status"] == "ok", cell
+      # Dropout too: the kernel draws the reference's bits.
+      np.testing.assert_array_less(cell["error"]["out"], FLOAT32_TOLERANCE)
+      np.testing.assert_array_less(cell["error"]["dq"], FLOAT32_TOLERANCE)
+    # cuDNN: no GPU here (and no dropout or soft-cap through jax.nn anywhere).
+    assert cells["cudnn", variant]["status"] == "unsupported"
+  # The window's band has fewer pairs than causal attention, and the FLOPs say so.
+  assert cells["pallas", "window"]["flops"] == cells["pallas", "bias"]["flops"]
+  # (at N = 128 the 1024-key window covers every row: causal's pairs)
+
+
+def test_window_flops_count_the_band():
+  n, w = 4096, variant_cells.WINDOW
+  rows, cols = np.arange(n)[:, None], np.arange(n)[None, :]
+  band = (cols >= rows - w)
+  assert variant_cells.visible_pairs("window", True, n) == np.sum(band & (cols <= rows))
+  assert variant_cells.visible_pairs("window", False, n) == np.sum(band & (cols <= rows + w))
+  assert variant_cells.visible_pairs("none", True, n) == n * n / 2
+
+
+def test_mosaic_configurations_are_implementations():
+  sweep = benchmark.resolve(_parse(["--impls=mosaic,mosaic:num_stages=3+block_kv=64"]))
+  assert sweep["implementations"] == ("mosaic", "mosaic:num_stages=3+block_kv=64")
+  blocks = bench_measure.mosaic_blocks("mosaic:num_stages=3+block_kv=64")
+  assert (blocks.num_stages, blocks.block_kv) == (3, 64)
+  with pytest.raises(ValueError, match="mosaic:bogus=1.*bogus"):
+    benchmark.resolve(_parse(["--impls=mosaic:bogus=1"]))
+  with pytest.raises(ValueError, match="--variants: unknown gelu"):
+    benchmark.resolve(_parse(["--variants=none,gelu"]))
 
 
 def test_tpu_kernel_is_a_cell(tmp_path):

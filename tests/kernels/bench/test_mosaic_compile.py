@@ -4,7 +4,9 @@
 CUDA plugin and ptxas; see the module's docstring) and parses Mosaic's dumps.
 For `kernels.mosaic.attention`'s forward and backward at head dims 64 and
 128, causal or not, with segment ids or not, and grouped-query heads (4:1),
-each of its three kernels (forward, dQ, dK/dV) must:
+then with its variants (bias, window, soft-cap, dropout, lse output, a value
+head dim of its own) and at head dim 256, each of its three kernels
+(forward, dQ, dK/dV) must:
 
   * compile for sm_90a, with the three warpgroups (384 threads) it is written for;
   * not spill (a consumer holding dK and dV at 240 registers is the tight one);
@@ -25,21 +27,42 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fusedlm.kernels.bench import mosaic_cases
 from fusedlm.kernels.bench import mosaic_compile as mi
 from fusedlm.kernels.mosaic.attention import mosaic_attention_any_device
 
 SEQ_LEN = 2048
 HEADS = 8
 KERNELS = ("fusedlm_mosaic_fwd", "fusedlm_mosaic_bwd_dq", "fusedlm_mosaic_bwd_dkv")
+PLAIN = dict(causal=False, segments=False, group=1, variants=(), v_head_dim=None,
+             bias_dtype=None)
 SETTINGS = [
-    dict(head_dim=d, causal=c, segments=s, group=1)
+    dict(PLAIN, head_dim=d, causal=c, segments=s)
     for d in (64, 128) for c in (False, True) for s in (False, True)
-] + [dict(head_dim=d, causal=True, segments=False, group=4) for d in (64, 128)]
+] + [dict(PLAIN, head_dim=d, causal=True, group=4) for d in (64, 128)] + [
+    # The variants (kernels.variants), each where its tiles are tightest: a
+    # float32 bias at 128 (the dQ kernel stages d bias in the bias ring), the
+    # soft-cap and dropout at 128 (the dK/dV consumers split dK and dV).
+    dict(PLAIN, head_dim=64, causal=True, variants=("bias",), bias_dtype="float32"),
+    dict(PLAIN, head_dim=128, causal=True, variants=("bias",), bias_dtype="float32"),
+    dict(PLAIN, head_dim=64, variants=("window", "lse")),
+    dict(PLAIN, head_dim=128, causal=True, segments=True, variants=("window",)),
+    dict(PLAIN, head_dim=64, causal=True, group=2, variants=("softcap", "dropout")),
+    dict(PLAIN, head_dim=128, causal=True, variants=("softcap", "dropout")),
+    dict(PLAIN, head_dim=64, v_head_dim=128, causal=True),
+    # Head dim 256: the dQ consumers split the head dim, dK/dV's take roles.
+    dict(PLAIN, head_dim=256, causal=True, segments=True, group=2),
+    dict(PLAIN, head_dim=256, causal=True, variants=("dropout", "softcap")),
+]
 
 
 def _id(setting):
-  return (f"d{setting['head_dim']}_{'causal' if setting['causal'] else 'full'}"
-          f"{'_segments' if setting['segments'] else ''}_g{setting['group']}")
+  s = setting
+  dv = f"_dv{s['v_head_dim']}" if s["v_head_dim"] else ""
+  return (f"d{s['head_dim']}{dv}"
+          f"_{'causal' if s['causal'] else 'full'}{'_segments' if s['segments'] else ''}"
+          f"_g{s['group']}" + "".join(f"_{v}" for v in s["variants"])
+          + (f"_{s['bias_dtype']}" if s["bias_dtype"] else ""))
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +77,12 @@ def compiler():
 def test_forward_and_backward_compile_for_sm90_without_spills(compiler, setting):
   del compiler
   head_dim = setting["head_dim"]
-  fn, args = mi.fusedlm_case(head_dim, SEQ_LEN, HEADS, "bwd",
-                             causal=setting["causal"], segments=setting["segments"],
-                             group=setting["group"])
+  v_head_dim = setting["v_head_dim"] or head_dim
+  fn, args = mosaic_cases.fusedlm_case(
+      head_dim, SEQ_LEN, HEADS, "bwd", causal=setting["causal"],
+      segments=setting["segments"], group=setting["group"],
+      variants=setting["variants"], v_head_dim=setting["v_head_dim"],
+      bias_dtype=setting["bias_dtype"])
   reports = mi.inspect(fn, *args)
   table = "\n".join([mi.HEADER] + [mi.format_row(_id(setting), r) for r in reports])
   assert tuple(r.name for r in reports) == KERNELS, table
@@ -67,16 +93,18 @@ def test_forward_and_backward_compile_for_sm90_without_spills(compiler, setting)
     assert r.smem_bytes <= mi.SMEM_LIMIT, table
     assert r.wgmma_count > 0 and r.tma_loads > 0, table
   forward, dq, dkv = reports
-  # P @ V (forward) and dS @ K (dQ) have the head dim as N; dK/dV's S^T and
-  # dP^T have the query tile (64).
-  assert f"m64n{head_dim}k16" in forward.wgmma, table
-  assert f"m64n{head_dim}k16" in dq.wgmma and "m64n64k16" in dkv.wgmma, table
+  # P @ V (forward) has V's head dim as N, dS @ K (dQ) K's (a half past 128,
+  # where the dQ consumers split it); dK/dV's S^T and dP^T have the query
+  # tile (64).
+  dq_n = head_dim if head_dim <= 128 else head_dim // 2
+  assert f"m64n{v_head_dim}k16" in forward.wgmma, table
+  assert f"m64n{dq_n}k16" in dq.wgmma and "m64n64k16" in dkv.wgmma, table
 
 
 def test_every_call_compiles_again(compiler):
   """JAX's caches would serve a second compile of the same function without a dump."""
   del compiler
-  fn, args = mi.fusedlm_case(64, 256, 1, "fwd")
+  fn, args = mosaic_cases.fusedlm_case(64, 256, 1, "fwd")
   first, second = mi.inspect(fn, *args), mi.inspect(fn, *args)
   assert first == second and len(first) == 1
 

@@ -8,6 +8,7 @@ argument checks run everywhere.
 """
 
 import contextlib
+import dataclasses
 import zlib
 
 import jax
@@ -89,6 +90,39 @@ def test_values_and_gradients_match_reference(case, mode):
     assert_close(grad, ref, grad_tol, name)
 
 
+# The tuning plan's schedules (MosaicBlockSizes fields, off by default):
+# ping-pong backward consumers, and a persistent forward grid of 3 CTAs
+# looping over 2 x 4 blocks of rows, longest first, its rings carried on
+# from block to block (3 and 2 key tiles a block through a 2-slot ring).
+SCHEDULES = {
+    "bwd_pingpong": dataclasses.replace(SMALL, bwd_pingpong=1),
+    "persistent": dataclasses.replace(SMALL, persistent=3),
+}
+SCHEDULE_CASES = [
+    Case(batch=1, q_len=150, kv_len=150, heads=4, kv_heads=2, causal=True,
+         masks="segments", dtype=f16),
+    Case(batch=2, q_len=100, kv_len=170, heads=2, kv_heads=1, masks="padding",
+         dtype=bf16),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("case", SCHEDULE_CASES, ids=lambda c: c.id)
+def test_schedules_match_reference(case, schedule, mode):
+  q, k, v, cotangent, masks = make_inputs(case, seed=zlib.crc32(case.id.encode()))
+  interpret = mosaic_interpret.PARAMS if mode == "interpret" else False
+  with _interpreter(mode):
+    out, grads = output_and_grads(
+        mosaic_attention, q, k, v, cotangent, causal=case.causal,
+        block_sizes=SCHEDULES[schedule], interpret=interpret, **masks)
+  ref_out, ref_grads = reference_output_and_grads(case, q, k, v, cotangent, masks)
+  out_tol, grad_tol = TOLERANCE[case.dtype]
+  assert_close(out, ref_out, out_tol, "output")
+  for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert_close(grad, ref, grad_tol, name)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rows_that_see_no_key_are_zero_with_zero_gradients(mode):
   # Every key of batch row 1 is padded away.
@@ -134,9 +168,9 @@ def test_refuses_float32():
     mosaic_attention(*_qkv(jnp.float32), interpret=True)
 
 
-def test_refuses_head_dims_over_128():
-  with pytest.raises(ValueError, match="head dims up to 128, got 256"):
-    mosaic_attention(*_qkv(head_dim=256), interpret=True)
+def test_refuses_head_dims_over_256():
+  with pytest.raises(ValueError, match="head dims up to 256, got 512"):
+    mosaic_attention(*_qkv(head_dim=512), interpret=True)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -144,6 +178,8 @@ def test_refuses_head_dims_over_128():
     ("block_kv", 96, "power of two of at least 64"),
     ("block_kv_dq", 512, "at most 256"),
     ("num_stages", 1, "at least 2"),
+    ("bwd_pingpong", 2, "0 or 1"),
+    ("persistent", -1, "the number of CTAs"),
 ])
 def test_block_sizes_are_checked(field, value, message):
   with pytest.raises(ValueError, match=f"MosaicBlockSizes.{field}.*{message}"):
@@ -169,9 +205,11 @@ def test_compiled_mode_off_gpu_names_the_way_out():
 
 
 def test_variants_it_does_not_take_are_refused():
+  q = _qkv()[0]
+  mask = jnp.ones((1, 1, q.shape[1], q.shape[1]), bool)
   with pytest.raises(ValueError, match="'mosaic' cannot run this call: mosaic does"
-                     " not take logits_soft_cap"):
-    dot_product_attention(*_qkv(), logits_soft_cap=5.0, implementation="mosaic")
+                     " not take mask"):
+    dot_product_attention(*_qkv(), mask=mask, implementation="mosaic")
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")

@@ -46,7 +46,8 @@ def lower_forward_and_backward_for_cuda(q, k, causal, masks, block_sizes):
     reason="JAX >= 0.11 with a CUDA plugin compiles Triton kernels at lowering"
     " (needs a GPU); the JAX 0.10.2 pass lowers them")
 def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
-                                 kv_heads):
+                                 kv_heads, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   batch, heads = 2, 4
   q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype)
   k = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), dtype)
@@ -56,7 +57,7 @@ def test_kernels_lower_to_triton(head_dim, dtype, causal, masks, q_len, kv_len,
       "kv_segment_ids": jax.ShapeDtypeStruct((batch, kv_len), jnp.int32),
   }
   blocks = BlockSizes.get_default(head_dim, dtype)
-  with target_device(H100):  # traced for a GPU: the kernel's device check passes
+  with target_device(H100):  # the kernel checks the device it is traced for
     lowered = lower_forward_and_backward_for_cuda(
         q, k, causal, {m: shapes[m] for m in masks}, blocks)
   text = lowered.as_text()

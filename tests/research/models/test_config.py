@@ -63,10 +63,20 @@ def test_bad_values_are_named(changes, message):
      "attention='cudnn' does not take attention_dropout, sliding_window"),
     (dict(attention="tpu", dtype="float16"),
      "attention='tpu' takes dtype bfloat16 or float32"),
+    (dict(attention="mosaic", dtype="float32"), "attention='mosaic': .*bfloat16 or float16"),
+    (dict(attention="mosaic", dtype="bfloat16", position="relative", hidden_size=512,
+          num_heads=2), "attention='mosaic': mosaic takes a bias at head dims up to 128"),
 ])
 def test_attention_variant_values_are_checked(changes, message):
   with pytest.raises(ValueError, match=message):
     ModelConfig(**changes)
+
+
+def test_mosaic_takes_the_attention_variants():
+  # Issue 25: dropout, a window, a soft-cap and a relative bias (head dim 64).
+  ModelConfig(attention="mosaic", dtype="bfloat16", attention_dropout=0.1,
+              sliding_window=8, attention_soft_cap=30.0, position="relative",
+              hidden_size=128, num_heads=2)
 
 
 def test_bert_base_keeps_the_original_attention_dropout():

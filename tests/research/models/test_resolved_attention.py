@@ -43,17 +43,25 @@ def test_packed_gpt_resolves_to_mosaic_in_training_and_evaluation():
           ("self-attention", 64, 64, "mosaic", "Hopper GPU, a call the kernel takes")}
 
 
-def test_attention_dropout_falls_back_in_training_only():
-  cfg = model_config.tiny_bert(attention_dropout=0.1)
+def test_attention_dropout_stays_on_mosaic_in_training():
+  # Issue 25 put dropout on the Hopper kernel: training and evaluation alike.
+  cfg = model_config.tiny_bert(attention_dropout=0.1, dtype="bfloat16")
   batch = {"input_ids": np.zeros((2, 32), np.int32),
            "token_type_ids": np.zeros((2, 32), np.int32),
            "padding_mask": np.ones((2, 32), bool)}
   with kernels.target_device(H100):
     train = resolved_attention.for_batch(cfg, objectives.get("mlm"), batch, training=True)
     evaluation = resolved_attention.for_batch(cfg, objectives.get("mlm"), batch)
-  assert {c.resolution for c in train} == {
-      kernels.Resolution("pallas", "mosaic does not take dropout_rate")}
-  assert {c.resolution.implementation for c in evaluation} == {"mosaic"}
+  assert {c.resolution.implementation for c in train + evaluation} == {"mosaic"}
+
+
+def test_a_relative_bias_past_head_dim_128_falls_back_naming_why():
+  cfg = model_config.tiny_gpt(position="relative", dtype="bfloat16", hidden_size=512,
+                              num_heads=2, num_layers=1)
+  with kernels.target_device(H100):
+    calls = resolved_attention.for_batch(cfg, objectives.get("causal"), _causal_batch())
+  assert {c.resolution for c in calls} == {kernels.Resolution(
+      "pallas", "mosaic takes a bias at head dims up to 128, not 256 (shared memory)")}
 
 
 def test_float32_compute_falls_back_naming_the_dtype():
