@@ -21,46 +21,25 @@ from fusedlm.kernels import (
   reference_attention,
   variants,
 )
-from tests.kernels.attention_cases import TOLERANCE, assert_close
+from tests.kernels import variant_cases
+from tests.kernels.attention_cases import assert_close
 
 SMALL_BLOCKS = BlockSizes(
     block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
     block_q_dq=32, block_k_dq=16,
 )
+_inputs = functools.partial(  # the cases' defaults: GQA 2:1, 37 (odd) long, float32
+    variant_cases.inputs, batch=1, q_len=37, kv_len=37, heads=2, kv_heads=1, head_dim=32,
+    dtype=jnp.float32)
+_resolve = functools.partial(variant_cases.resolve, segment_rate=0.1)
+_value_and_grads = variant_cases.value_and_grads
 INTERPRET = [
     pytest.param(True, id="interpret"),
     pytest.param(False, id="triton", marks=pytest.mark.gpu),
 ]
 
 
-def _segments(key, batch, length):
-  cuts = jax.random.bernoulli(key, 0.1, (batch, length))
-  return jnp.cumsum(cuts, axis=1).astype(jnp.int32)
 
-
-def _inputs(seed, *, batch=1, q_len=37, kv_len=37, heads=2, kv_heads=1,
-            head_dim=32, v_head_dim=None, bias_shape=None, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-  v_head_dim = head_dim if v_head_dim is None else v_head_dim
-  q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim))
-  k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim))
-  v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, v_head_dim))
-  bias = None if bias_shape is None else jax.random.normal(keys[3], bias_shape)
-  cast = lambda x: None if x is None else x.astype(dtype)
-  d_out = jax.random.normal(keys[4], (batch, q_len, heads, v_head_dim))
-  d_lse = jax.random.normal(keys[5], (batch, heads, q_len))
-  return cast(q), cast(k), cast(v), cast(bias), cast(d_out), d_lse
-
-
-def _value_and_grads(attention, q, k, v, bias, cotangent, **kwargs):
-  """out (and lse), then (dq, dk, dv[, d bias]), all float32 numpy."""
-  def f(q, k, v, bias):
-    extra = {} if bias is None else {"bias": bias}
-    return attention(q, k, v, **kwargs, **extra)
-  out, vjp = jax.vjp(f, q, k, v, bias)
-  grads = vjp(cotangent)
-  to32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32))
-  return jax.tree.map(to32, out), [to32(g) for g in grads if g is not None]
 
 
 CASES = {
@@ -104,25 +83,6 @@ CASES = {
 }
 
 
-def _resolve(kwargs, q, k, seed):
-  """Replaces the placeholders of CASES by arrays of the right shapes."""
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), 4)
-  batch, q_len, heads = q.shape[:3]
-  kv_len = k.shape[1]
-  out = dict(kwargs)
-  if out.get("segment_ids") == "q":
-    out["segment_ids"] = _segments(keys[0], batch, q_len)
-  if out.get("kv_segment_ids") == "kv":
-    out["kv_segment_ids"] = _segments(keys[1], batch, kv_len)
-  if out.get("key_padding_mask") == "padding":
-    lengths = jnp.array([kv_len // 2, kv_len])[:batch]
-    out["key_padding_mask"] = jnp.arange(kv_len)[None] < lengths[:, None]
-  if out.get("mask") == "per_head":
-    out["mask"] = jax.random.bernoulli(keys[2], 0.7, (batch, heads, q_len, kv_len))
-  if "dropout_rate" in out:
-    out["dropout_rng"] = jax.random.PRNGKey(seed + 7)
-  return out
-
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("name", list(CASES))
@@ -136,24 +96,7 @@ def test_variant_values_and_gradients_match_reference(name, interpret):
       functools.partial(flash_attention, block_sizes=SMALL_BLOCKS,
                         interpret=interpret),
       q, k, v, bias, cotangent, **kwargs)
-  up = lambda x: None if x is None else jax.tree.map(
-      lambda y: y.astype(jnp.float32), x)
-  ref_out, ref_grads = _value_and_grads(
-      reference_attention, up(q), up(k), up(v), up(bias), up(cotangent), **kwargs)
-  out_tol, grad_tol = next(tol for dtype, tol in TOLERANCE.items()
-                           if jnp.dtype(dtype) == q.dtype)
-  if kwargs.get("return_lse"):
-    (out, lse), (ref_out, ref_lse) = out, ref_out
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), finite)
-    assert_close(lse[finite], ref_lse[finite], out_tol, "lse")
-  assert out.shape == ref_out.shape
-  assert_close(out, ref_out, out_tol, "output")
-  names = ["dq", "dk", "dv", "dbias"][:len(ref_grads)]
-  assert len(grads) == len(ref_grads)
-  for grad_name, grad, ref in zip(names, grads, ref_grads):
-    assert grad.shape == ref.shape, grad_name
-    assert_close(grad, ref, grad_tol, grad_name)
+  variant_cases.assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs)
 
 
 def test_philox_matches_random123_known_answers():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fusedlm.kernels import TpuBlockSizes, reference_attention, tpu_attention
-from tests.kernels.attention_cases import TOLERANCE, assert_close
+from tests.kernels import variant_cases
 from tests.kernels.test_variants import CASES, _inputs, _resolve, _value_and_grads
 
 SMALL = TpuBlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
@@ -49,24 +49,7 @@ def test_variant_values_and_gradients_match_reference(name, interpret):
       functools.partial(tpu_attention, block_sizes=SMALL if interpret else None,
                         interpret=interpret),
       q, k, v, bias, cotangent, **kwargs)
-  up = lambda x: None if x is None else jax.tree.map(
-      lambda y: y.astype(jnp.float32), x)
-  ref_out, ref_grads = _value_and_grads(
-      reference_attention, up(q), up(k), up(v), up(bias), up(cotangent), **kwargs)
-  out_tol, grad_tol = next(tol for dtype, tol in TOLERANCE.items()
-                           if jnp.dtype(dtype) == q.dtype)
-  if kwargs.get("return_lse"):
-    (out, lse), (ref_out, ref_lse) = out, ref_out
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), finite)
-    assert_close(lse[finite], ref_lse[finite], out_tol, "lse")
-  assert out.shape == ref_out.shape
-  assert_close(out, ref_out, out_tol, "output")
-  names = ["dq", "dk", "dv", "dbias"][:len(ref_grads)]
-  assert len(grads) == len(ref_grads)
-  for grad_name, grad, ref in zip(names, grads, ref_grads):
-    assert grad.shape == ref.shape, grad_name
-    assert_close(grad, ref, grad_tol, grad_name)
+  variant_cases.assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs)
 
 
 def _nan_rows(x, start, stop):
