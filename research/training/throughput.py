@@ -15,8 +15,9 @@ host sync at the end:
     with its clipping and schedule, packed rows with their segment ids);
   * the reference row (marked "reference": true): the simplest Flax step
     on the same model and batches, jax.jit of the objective's loss and
-    optax.adamw at the configured rate, without clipping, schedule or
-    packing (segment ids and positions dropped), with cuDNN's attention on
+    optax.adamw at the configured rate, without clipping, schedule,
+    packing (segment ids and positions dropped) or chunked logits
+    (ModelConfig.logits_chunk), with cuDNN's attention on
     a GPU when it takes the model (16-bit, no attention variants) and XLA's
     otherwise. It is nanoGPT's bench.py setting written in Flax: the bar.
 
@@ -261,7 +262,8 @@ def reference_step(model, objective, tx):
 
 def _reference_row(config, base, objective, batches, device, timing) -> Row:
   attention = reference_attention(base, device)
-  model_cfg = base.replace(attention=attention)
+  # A plain step as a JAX user writes it: the logits whole, not chunked.
+  model_cfg = base.replace(attention=attention, logits_chunk=0)
   row = Row(f"reference ({attention})", reference=True)
   o = config.optimizer
   tx = optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
