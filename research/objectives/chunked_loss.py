@@ -78,12 +78,15 @@ def _sums_fwd(dtype, hidden, labels, weights, table):
     logits = _logits(h, table, dtype)  # [chunk, vocab] float32
     used = w > 0
     safe = jnp.where(used, y, 0)  # an ignored label may be out of range
-    m = weighted_cross_entropy(logits, y, w)
+    # One log-softmax and one argmax give the sums (as weighted_cross_entropy
+    # takes them) and their derivatives in w: d loss_sum / d w and
+    # d correct / d w per token (d count / d w = 1).
     log_p = jax.nn.log_softmax(logits)
-    # d loss_sum / d w and d correct / d w, per token (d count / d w = 1).
     token_loss = jnp.where(used, -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0],
                            0.0)
     token_hit = jnp.where(used, jnp.argmax(logits, axis=-1) == safe, False)
+    sums = jnp.stack([jnp.sum(jnp.where(used, token_loss * w, 0.0)),
+                      jnp.sum(jnp.where(used, token_hit * w, 0.0)), jnp.sum(w)])
     # d loss_sum / d logits = w * (softmax - one_hot(label)), 0 where ignored.
     d_logits = jnp.exp(log_p) - jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.float32)
     d_logits = jnp.where(used[:, None], d_logits * w[:, None], 0.0).astype(dtype)
@@ -91,8 +94,7 @@ def _sums_fwd(dtype, hidden, labels, weights, table):
                      preferred_element_type=jnp.float32)
     d_table = d_table + jnp.einsum("cv,ch->vh", d_logits, h.astype(dtype),
                                    preferred_element_type=jnp.float32)
-    total = total + jnp.stack([m["loss_sum"], m["correct"], m["count"]])
-    return (total, d_table), (d_h.astype(h.dtype), token_loss, token_hit)
+    return (total + sums, d_table), (d_h.astype(h.dtype), token_loss, token_hit)
 
   init = (jnp.zeros((3,), jnp.float32), jnp.zeros(table.shape, jnp.float32))
   (total, d_table), (d_hidden, token_loss, token_hit) = jax.lax.scan(
