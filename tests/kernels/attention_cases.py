@@ -96,3 +96,24 @@ def assert_close(actual, expected, tol: float, name: str):
       actual, expected, rtol=0, atol=tol * scale,
       err_msg=f"{name}: tolerance {tol} x max|ref| = {tol * scale:.3g}",
   )
+
+
+def nan_rows(x, start: int, stop: int):
+  """x [batch, rows, ...] with rows start..stop NaN. A tile that loads any of
+  them is poisoned (0 * NaN is NaN), so finite results prove it was skipped."""
+  return x.at[:, start:stop].set(jnp.nan)
+
+
+def assert_other_segments_skipped(attention, case: Case):
+  """`attention` (q, k, v, segment_ids=...; 16-wide tiles) over 64 tokens in two
+  32-token segments never visits the other segment's blocks: in the output
+  and dQ (keys of segment 1 NaN) nor in dK and dV (queries of segment 0 NaN)."""
+  q, k, v, cotangent, _ = make_inputs(case, seed=13)
+  segment_ids = jnp.where(jnp.arange(64) < 32, 0, 1)[None].astype(jnp.int32)
+  run = lambda q, k, v: output_and_grads(attention, q, k, v, cotangent,
+                                         segment_ids=segment_ids)
+  out, (dq, _, _) = run(q, k, nan_rows(v, 32, 64))
+  assert np.all(np.isfinite(out[:, :32])), "another segment's block was visited"
+  assert np.all(np.isfinite(dq[:, :32]))
+  _, (_, dk, dv) = run(nan_rows(q, 0, 32), k, v)
+  assert np.all(np.isfinite(dk[:, 32:])) and np.all(np.isfinite(dv[:, 32:]))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusedlm.kernels import reference_attention
-from tests.kernels.attention_cases import TOLERANCE, assert_close
+from tests.kernels.attention_cases import TOLERANCE, assert_close, nan_rows
 
 
 def segments(key, batch: int, length: int, rate: float):
@@ -96,3 +96,21 @@ def assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs):
   for grad_name, grad, ref in zip(names, grads, ref_grads):
     assert grad.shape == ref.shape, grad_name
     assert_close(grad, ref, grad_tol, grad_name)
+
+
+# Row i sees keys i-15..i. With 16-wide blocks, query rows 32..63 never need
+# key block 0, and key block 1 (keys 16..31) is seen by no row past 46, so
+# query block 3 (48..63) is skipped by dK/dV of key blocks 0, 1.
+WINDOW = dict(causal=True, local_window_size=(15, 0))
+
+
+def assert_window_skips_blocks(attention, q, k, v, d_out):
+  """`attention` (16-wide tiles) on 64 tokens with WINDOW never visits a
+  block outside the window: NaN there leaves the rows past it finite."""
+  run = lambda q, k, v: value_and_grads(attention, q, k, v, None, d_out, **WINDOW)
+  out, (dq, _, _) = run(q, nan_rows(k, 0, 16), nan_rows(v, 0, 16))
+  assert np.all(np.isfinite(out[:, 32:])), "a key block left of the window was visited"
+  assert np.all(np.isfinite(dq[:, 32:])), "dQ visited a key block left of the window"
+  _, (_, dk, dv) = run(nan_rows(q, 48, 64), k, v)
+  assert np.all(np.isfinite(dk[:, :32])), "dK visited a query block past the window"
+  assert np.all(np.isfinite(dv[:, :32])), "dV visited a query block past the window"

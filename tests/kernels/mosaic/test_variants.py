@@ -28,7 +28,7 @@ from fusedlm.kernels import (
 from fusedlm.kernels.mosaic import coverage
 from fusedlm.kernels.mosaic.attention import _plan, mosaic_attention
 from tests.kernels import variant_cases
-from tests.kernels.attention_cases import TOLERANCE, assert_close
+from tests.kernels.attention_cases import TOLERANCE, assert_close, nan_rows
 from tests.kernels.mosaic import interpreter_shim as mosaic_interpret
 
 # The smallest tiles, so short sequences span several CTAs and ring slots.
@@ -156,10 +156,6 @@ def test_dropout_mask_is_the_references_and_reproducible(mode):
   assert ((out[0] > 0) != (out[1] > 0)).mean() > 0.2
 
 
-def _nan_rows(x, start, stop):
-  return x.at[:, start:stop].set(jnp.nan)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_tiles_outside_the_window_are_skipped_not_masked(mode):
   # Row i sees keys i-63..i. With 64-wide tiles, query rows 128..255 (the
@@ -171,8 +167,8 @@ def test_tiles_outside_the_window_are_skipped_not_masked(mode):
   run = functools.partial(_value_and_grads, _kernel(mode), causal=True,
                           local_window_size=(63, 0))
   with _interpreter(mode):
-    out, (dq, _, _) = run(q, _nan_rows(k, 0, 64), _nan_rows(v, 0, 64), None, d_out)
-    _, (_, dk, dv) = run(_nan_rows(q, 192, 256), k, v, None, d_out)
+    out, (dq, _, _) = run(q, nan_rows(k, 0, 64), nan_rows(v, 0, 64), None, d_out)
+    _, (_, dk, dv) = run(nan_rows(q, 192, 256), k, v, None, d_out)
     clean, _ = run(q, k, v, None, d_out)
   assert np.all(np.isfinite(out[:, 128:])), "a key tile left of the window was visited"
   assert np.all(np.isfinite(dq[:, 128:])), "dQ visited a key tile left of the window"

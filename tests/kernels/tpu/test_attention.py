@@ -27,7 +27,9 @@ from tests.kernels.attention_cases import (
   TOLERANCE,
   Case,
   assert_close,
+  assert_other_segments_skipped,
   make_inputs,
+  nan_rows,
   output_and_grads,
   reference_output_and_grads,
 )
@@ -108,10 +110,6 @@ def test_rows_that_see_no_key_are_zero_with_zero_gradients(interpret):
   assert np.abs(out[1, 10:]).min() > 0.0
 
 
-def _nan_rows(x, start, stop):
-  return x.at[:, start:stop].set(jnp.nan)
-
-
 def test_causally_hidden_blocks_are_skipped_not_masked():
   # NaN in a block nobody may see poisons any tile that loads it (0 * NaN is
   # NaN), so finite results prove the hidden tiles were never computed.
@@ -119,26 +117,18 @@ def test_causally_hidden_blocks_are_skipped_not_masked():
   q, k, v, cotangent, _ = make_inputs(case, seed=11)
   run = functools.partial(output_and_grads, tpu_attention, causal=True,
                           block_sizes=UNIFORM, interpret=True)
-  out, (dq, _, _) = run(q, k, _nan_rows(v, 48, 64), cotangent)
+  out, (dq, _, _) = run(q, k, nan_rows(v, 48, 64), cotangent)
   assert np.all(np.isfinite(out[:, :48])), "a future key block was visited"
   assert np.all(np.isfinite(dq[:, :48])), "dQ visited a future key block"
-  _, (_, dk, dv) = run(_nan_rows(q, 0, 16), k, v, cotangent)
+  _, (_, dk, dv) = run(nan_rows(q, 0, 16), k, v, cotangent)
   assert np.all(np.isfinite(dk[:, 16:])), "dK visited a hidden query block"
   assert np.all(np.isfinite(dv[:, 16:])), "dV visited a hidden query block"
 
 
 def test_blocks_of_other_segments_are_skipped():
-  case = Case(batch=1, q_len=64, kv_len=64, heads=2, kv_heads=1)
-  q, k, v, cotangent, _ = make_inputs(case, seed=13)
-  segment_ids = jnp.where(jnp.arange(64) < 32, 0, 1)[None].astype(jnp.int32)
-  run = functools.partial(output_and_grads, tpu_attention,
-                          segment_ids=segment_ids, block_sizes=UNIFORM,
-                          interpret=True)
-  out, (dq, _, _) = run(q, k, _nan_rows(v, 32, 64), cotangent)
-  assert np.all(np.isfinite(out[:, :32])), "another segment's block was visited"
-  assert np.all(np.isfinite(dq[:, :32]))
-  _, (_, dk, dv) = run(_nan_rows(q, 0, 32), k, v, cotangent)
-  assert np.all(np.isfinite(dk[:, 32:])) and np.all(np.isfinite(dv[:, 32:]))
+  assert_other_segments_skipped(
+      functools.partial(tpu_attention, block_sizes=UNIFORM, interpret=True),
+      Case(batch=1, q_len=64, kv_len=64, heads=2, kv_heads=1))
 
 
 def test_entry_point_dispatches_to_the_tpu_kernel():

@@ -16,7 +16,9 @@ from tests.kernels.attention_cases import (
   TOLERANCE,
   Case,
   assert_close,
+  assert_other_segments_skipped,
   make_inputs,
+  nan_rows,
   output_and_grads,
   reference_output_and_grads,
 )
@@ -137,10 +139,6 @@ def test_causal_rows_before_the_first_key_are_zero(interpret):
                              atol=2e-5)
 
 
-def _nan_in_rows(x, start, stop):
-  return x.at[:, start:stop].set(jnp.nan)
-
-
 @pytest.mark.parametrize("interpret", INTERPRET)
 def test_causally_hidden_blocks_are_skipped_not_masked(interpret):
   # NaN in a block nobody may see poisons any tile that loads it (0 * NaN is
@@ -151,9 +149,9 @@ def test_causally_hidden_blocks_are_skipped_not_masked(interpret):
   q, k, v, cotangent, _ = make_inputs(case, seed=11)
   run = functools.partial(output_and_grads, flash_attention, causal=True,
                           block_sizes=blocks, interpret=interpret)
-  out, _ = run(q, k, _nan_in_rows(v, 48, 64), cotangent)
+  out, _ = run(q, k, nan_rows(v, 48, 64), cotangent)
   assert np.all(np.isfinite(out[:, :48])), "a future key block was visited"
-  _, (_, dk, dv) = run(_nan_in_rows(q, 0, 16), k, v, cotangent)
+  _, (_, dk, dv) = run(nan_rows(q, 0, 16), k, v, cotangent)
   assert np.all(np.isfinite(dk[:, 16:])), "dK visited a hidden query block"
   assert np.all(np.isfinite(dv[:, 16:])), "dV visited a hidden query block"
 
@@ -162,17 +160,9 @@ def test_causally_hidden_blocks_are_skipped_not_masked(interpret):
 def test_blocks_of_other_segments_are_skipped(interpret):
   blocks = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16,
                       block_q_dq=16, block_k_dq=16)
-  case = Case(batch=1, q_len=64, kv_len=64)
-  q, k, v, cotangent, _ = make_inputs(case, seed=13)
-  segment_ids = jnp.where(jnp.arange(64) < 32, 0, 1)[None].astype(jnp.int32)
-  run = functools.partial(output_and_grads, flash_attention,
-                          segment_ids=segment_ids, block_sizes=blocks,
-                          interpret=interpret)
-  out, (dq, _, _) = run(q, k, _nan_in_rows(v, 32, 64), cotangent)
-  assert np.all(np.isfinite(out[:, :32])), "another segment's block was visited"
-  assert np.all(np.isfinite(dq[:, :32]))
-  _, (_, dk, dv) = run(_nan_in_rows(q, 0, 32), k, v, cotangent)
-  assert np.all(np.isfinite(dk[:, 32:])) and np.all(np.isfinite(dv[:, 32:]))
+  assert_other_segments_skipped(
+      functools.partial(flash_attention, block_sizes=blocks, interpret=interpret),
+      Case(batch=1, q_len=64, kv_len=64))
 
 
 def test_segment_block_ranges_cover_every_block_that_shares_an_id():
