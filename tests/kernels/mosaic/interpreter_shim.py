@@ -2,8 +2,10 @@
 
 JAX 0.11 ships a CPU interpreter for Mosaic GPU kernels
 (`plgpu.InterpretGPUParams`). Stock 0.11.2 refuses a real FlashAttention-3
-kernel in four places; each is patched below as a separate, small piece that
-names the upstream gap. Delete each piece when upstream JAX handles it.
+kernel in four places and, on two or more devices at once (jax.pmap,
+jax.shard_map), mixes up the devices' state in two more; each is patched
+below as a separate, small piece that names the upstream gap. Delete each
+piece when upstream JAX handles it.
 
   1. `pl.run_state` (e.g. `pl.run_state(f)(plgpu.ACC.init(acc))`) falls
      through to `run_state_p.bind`, which cannot lower the kernel effects.
@@ -14,6 +16,10 @@ names the upstream gap. Delete each piece when upstream JAX handles it.
   4. Barrier teardown requires every waiting thread to have observed every
      completed phase; a producer/consumer ring whose last phases nobody waits
      on (harmless on hardware) is rejected.
+  5. The end-of-kernel check that no mbarrier is left reads every device's
+     memory while another device may still be running.
+  6. A device that finishes a cluster restarts every device's register
+     buffer ids, so a live accumulator's key is handed out again.
 
 Usage (all patches are process-global while the context is open; run and
 trace the kernel inside it, since jit caches keep the interpreted program):
@@ -25,6 +31,7 @@ trace the kernel inside it, since jit caches keep the interpreted program):
 The module imports on any JAX; `SUPPORTED` / `REASON` tell tests to skip.
 """
 
+import collections
 import contextlib
 
 import jax
@@ -214,6 +221,28 @@ def _patched_assert_no_barriers(orig):
   return check
 
 
+# -- 6. register-buffer ids on several devices ---------------------------------
+# Upstream gap: when a cluster (thread block) finishes, `cluster_finished`
+# resets the per-cluster state of *every* device, on the premise that
+# clusters run one after another. Under jax.pmap or jax.shard_map the
+# devices run theirs at the same time, so one device's reset restarts
+# another's REGS buffer ids (-100, -101, ...) while its buffers are live: a
+# fresh wgmma accumulator then takes a live buffer's key, the first free
+# drops both, and the next read fails ("KeyError: HostAllocationKey(...)"),
+# after which the failed device waits forever for the others at clean-up.
+# We number REGS buffers from a counter the reset does not touch; ids stay
+# unique per warpgroup for the whole kernel (the shared memory is rebuilt
+# for the next one). Delete when upstream JAX handles it.
+
+def _next_regs_id(self, thread):
+  with self.lock:
+    ids = self.__dict__.setdefault(
+        "_fusedlm_regs_ids", collections.defaultdict(lambda: -100))
+    regs_id = ids[thread]
+    ids[thread] = regs_id - 1
+    return regs_id
+
+
 # -- the context manager -------------------------------------------------------
 
 def _patches():
@@ -228,6 +257,7 @@ def _patches():
       (shared_memory.Barrier, "deallocate", _barrier_deallocate),
       (gpu_callbacks, "_assert_no_barriers_allocated",
        _patched_assert_no_barriers(gpu_callbacks._assert_no_barriers_allocated)),
+      (shared_memory.GPUSharedMemory, "get_next_wgmma_accumulator_id", _next_regs_id),
   ]
 
 
