@@ -67,11 +67,13 @@ class Setting:
   seq_len: int = 4096
   width: int = 2048  # num_heads * head_dim, as the benchmark's default sweep
   blocks: triton_attention.BlockSizes | None = None  # None: the default table
+  dropout: float = 0.0  # attention dropout rate (its bits cost registers)
 
   @property
   def label(self) -> str:
     return (f"D={self.head_dim} {self.dtype} {'causal' if self.causal else 'full'}"
-            f" {'seg' if self.segments else 'noseg'} gqa={self.group}")
+            f" {'seg' if self.segments else 'noseg'} gqa={self.group}"
+            + (f" drop={self.dropout:g}" if self.dropout else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +122,14 @@ def lower_kernels(setting: Setting) -> list[TritonKernel]:
   masks = {}
   if setting.segments:
     masks["segment_ids"] = jax.ShapeDtypeStruct((1, setting.seq_len), jnp.int32)
+  if setting.dropout:
+    masks["dropout_rng"] = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
   def grads(q, k, v, masks):
     def loss(q, k, v):
       out = triton_attention.flash_attention_any_device(
-          q, k, v, causal=setting.causal, block_sizes=setting.blocks, **masks)
+          q, k, v, causal=setting.causal, block_sizes=setting.blocks,
+          dropout_rate=setting.dropout, **masks)
       return jnp.sum(out.astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -314,6 +319,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_list("blocks", [], "BlockSizes fields over the default table,"
                     " e.g. block_q_dkv=64,num_warps_bwd=8", **f)
   flags.DEFINE_string("arch", "sm_90a", "sm_90a (H100), sm_80 (A100), ...", **f)
+  flags.DEFINE_float("dropout", 0.0, "attention dropout rate (0: none); the"
+                     " default table takes other tiles with dropout",
+                     lower_bound=0.0, upper_bound=0.99, **f)
 
 
 def settings_from(f: flags.FlagValues) -> list[Setting]:
@@ -324,13 +332,16 @@ def settings_from(f: flags.FlagValues) -> list[Setting]:
     blocks = None
     if overrides:
       blocks = dataclasses.replace(
-          triton_attention.BlockSizes.get_default(head_dim, f.dtype), **overrides)
+          triton_attention.BlockSizes.get_default(head_dim, f.dtype,
+                                                  dropout=f.dropout > 0),
+          **overrides)
     for causal in _SWITCH[f.causal]:
       for segments in _SWITCH[f.segments]:
         for group in command_line.ints("gqa", f.gqa):
           out.append(Setting(head_dim=head_dim, dtype=f.dtype, causal=causal,
                              segments=segments, group=group,
-                             seq_len=f.seq_len, width=f.width, blocks=blocks))
+                             seq_len=f.seq_len, width=f.width, blocks=blocks,
+                             dropout=f.dropout))
   return out
 
 

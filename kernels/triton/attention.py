@@ -434,8 +434,9 @@ def flash_attention_any_device(q, k, v, *, causal=False, scale=None,
   )
   offset = variants.alignment_offset(shape, causal_alignment)
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(max(shape.head_dim, shape.v_head_dim),
-                                         q.dtype)
+    block_sizes = BlockSizes.get_default(
+        max(shape.head_dim, shape.v_head_dim), q.dtype,
+        dropout=var.dropout_rate > 0.0, bias=var.bias is not None)
   elif not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}.")
   head_pad = padded_head_dim(shape.head_dim)

@@ -68,27 +68,45 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{field} must be an int >= 1, got {value}.")
 
   @classmethod
-  def get_default(cls, head_dim: int, dtype=None) -> "BlockSizes":
-    """The settings table, by padded head dimension.
+  def get_default(cls, head_dim: int, dtype=None, *, dropout: bool = False,
+                  bias: bool = False) -> "BlockSizes":
+    """The settings table, by padded head dimension and the costly variants.
 
     Chosen without a GPU from what the compiler makes of each kernel for
     sm_90a (`fusedlm inspect triton`; BENCHMARKS.md, tuning notes): every
     kernel below compiles without register spills, its K/V loads pipelined
     (cp.async), and its products on wgmma (every tile side that is a
     product's M is >= 64). The dK/dV kernel holds two float32 [block_k_dkv,
-    d] accumulators, so it gets 8 warps at every head dim. Timings on a GPU
-    are still to come. dtype (default bfloat16) matters only at head dims
-    over 128, where float32 tiles fit one pipeline stage, not two.
+    d] accumulators, so it gets 8 warps at every head dim. dtype (default
+    bfloat16): float32 tiles take twice the shared memory, so at head dim
+    128 the forward keeps 64-key tiles and over 128 one pipeline stage.
+
+    The forward at head dim 128 streams 128-key tiles, the tiles of JAX's
+    own Triton op, which ran 10-20% faster than our 64-key tiles in every
+    D = 128 cell on an H200 (issue 25), in 16-bit inputs (float32 ones
+    keep 64 keys: 128 would need 320 KiB). Two variants change the table:
+    `dropout` (its Philox bits take registers: with the plain tiles the
+    forward spilled 0.6-5 KiB a thread, at D = 64 the backward too) takes
+    32-key forward tiles, and at D = 64 8 warps for the forward and dQ and
+    32-row dK/dV query tiles; `bias` keeps 64-key forward tiles at D = 128
+    (a float32 bias tile of 128 x 128 per stage took 224 KiB of shared
+    memory and all 255 registers).
     """
     padded = padded_head_dim(head_dim)
     wide = dtype is not None and jnp.dtype(dtype).itemsize > 2
     if padded <= 64:
+      if dropout:
+        return cls(block_q=128, block_k=32, num_warps_fwd=8, num_stages_fwd=3,
+                   block_q_dkv=32, block_k_dkv=128, num_warps_bwd=8,
+                   num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
+                   num_warps_dq=8, num_stages_dq=2)
       return cls(block_q=128, block_k=64, num_warps_fwd=4, num_stages_fwd=3,
                  block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8,
                  num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
                  num_warps_dq=4, num_stages_dq=2)
     if padded <= 128:
-      return cls(block_q=128, block_k=64, num_warps_fwd=8, num_stages_fwd=2,
+      block_k = 32 if dropout else 64 if bias or wide else 128
+      return cls(block_q=128, block_k=block_k, num_warps_fwd=8, num_stages_fwd=2,
                  block_q_dkv=32, block_k_dkv=128, num_warps_bwd=8,
                  num_stages_bwd=2, block_q_dq=128, block_k_dq=32,
                  num_warps_dq=8, num_stages_dq=2)
