@@ -164,8 +164,11 @@ def problem_for(sweep: dict, dtype: str, head_dim: int, seq_len: int):
       dtype=dtype)
 
 
-def run_sweep(sweep: dict) -> list[dict]:
-  """Every cell of the sweep, in order; progress on stderr."""
+def run_sweep(sweep: dict, on_cell=None) -> list[dict]:
+  """Every cell of the sweep, in order; progress on stderr.
+
+  on_cell(cells), if given, is called with the cells so far after each one.
+  """
   settings = measure.Settings(
       warmup=sweep["warmup"], reps=sweep["reps"], seed=sweep["seed"],
       errors=sweep["errors"],
@@ -189,6 +192,8 @@ def run_sweep(sweep: dict) -> list[dict]:
           cell["input_sets"] = n_sets
           cells.append(cell)
           _progress(cell, len(cells), total)
+          if on_cell is not None:
+            on_cell(cells)
         del input_sets
         ref_cache.clear()
   _progress(None, len(cells), total)
@@ -239,17 +244,25 @@ def metadata(sweep: dict, argv: list[str]) -> dict:
 def run(f: flags.FlagValues, argv: list[str]) -> None:
   """The sweep of parsed flags `f`: table on stdout, JSON and PNG under --out.
 
-  argv: the command's arguments, recorded in the JSON.
+  argv: the command's arguments, recorded in the JSON. The JSON is rewritten
+  after every cell with `meta.complete` false, so a sweep killed by a time
+  limit (the first H200 run lost its D=128 sweep so) leaves what it measured;
+  the last write sets it true.
   """
   sweep = resolve(f)
   meta = metadata(sweep, argv)
-  cells = run_sweep(sweep)
-  report.add_ratios(cells)
-  print(report.format_table(cells, meta))
   os.makedirs(sweep["out"], exist_ok=True)
   json_path = os.path.join(sweep["out"], JSON_NAME)
   png_path = os.path.join(sweep["out"], PNG_NAME)
-  report.write_json(json_path, meta, cells)
+
+  def write(cells, complete: bool):
+    cells = [dict(cell) for cell in cells]
+    report.add_ratios(cells)
+    report.write_json(json_path, {**meta, "complete": complete}, cells)
+    return cells
+
+  cells = write(run_sweep(sweep, on_cell=lambda cells: write(cells, False)), True)
+  print(report.format_table(cells, meta))
   report.plot(png_path, cells, meta)
   print(f"\nwrote {json_path} and {png_path}")
 

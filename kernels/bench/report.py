@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -108,9 +109,13 @@ def format_table(cells: list[dict], meta: dict) -> str:
 
 
 def write_json(path, meta: dict, cells: list[dict]) -> None:
-  with open(path, "w") as f:
+  """Writes the file whole or not at all (a temporary file, then a rename):
+  a kill mid-write leaves the previous version."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
     json.dump({"meta": meta, "cells": cells}, f, indent=1, sort_keys=True)
     f.write("\n")
+  os.replace(tmp, path)
 
 
 def plot(path, cells: list[dict], meta: dict) -> None:

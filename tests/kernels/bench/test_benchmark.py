@@ -16,10 +16,9 @@ import pytest
 from absl import flags
 
 from fusedlm.kernels import reference_attention
-from fusedlm.kernels.bench import benchmark
+from fusedlm.kernels.bench import benchmark, variant_cells
 from fusedlm.kernels.bench import measure as bench_measure
 from fusedlm.kernels.bench import report as bench_report
-from fusedlm.kernels.bench import variant_cells
 from tests.commands import fusedlm
 
 # Relative Frobenius error of float32 inputs against the float32 reference:
@@ -104,6 +103,38 @@ def test_metadata(results):
     assert meta[key], key
   assert meta["jax_version"] == jax.__version__
   assert meta["command"].startswith("fusedlm bench-attention --smoke")
+
+
+def test_a_finished_sweep_says_so_in_its_json(results):
+  data, _, _ = results
+  assert data["meta"]["complete"] is True
+
+
+def test_a_killed_sweep_leaves_the_cells_it_measured(tmp_path, monkeypatch):
+  # A sweep stopped by a time limit after two cells (the first H200 run lost
+  # a whole sweep's JSON so): the JSON holds those two, marked incomplete.
+  measured = bench_measure.measure_cell
+  calls = []
+
+  def measure_two(*args, **kwargs):
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # what `timeout`'s SIGTERM handler would stop
+    calls.append(None)
+    return measured(*args, **kwargs)
+
+  monkeypatch.setattr(bench_measure, "measure_cell", measure_two)
+  argv = ["--smoke", "--seq_lens=128,256", "--head_dims=64", "--dtype=float32",
+          "--impls=xla", "--passes=fwd", "--causal=both", "--reps=1",
+          "--warmup=0", "--no_errors", f"--out={tmp_path}"]
+  with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+    benchmark.run(_parse(argv), argv)
+  with open(tmp_path / benchmark.JSON_NAME) as f:
+    data = json.load(f)
+  assert data["meta"]["complete"] is False
+  assert [(c["seq_len"], c["causal"]) for c in data["cells"]] == [
+      (128, False), (128, True)]
+  assert all(c["status"] == "ok" for c in data["cells"])
+  assert not (tmp_path / f"{benchmark.JSON_NAME}.tmp").exists()
 
 
 def test_png_is_written(results):
