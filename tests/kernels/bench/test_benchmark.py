@@ -118,7 +118,7 @@ def test_a_killed_sweep_leaves_the_cells_it_measured(tmp_path, monkeypatch):
 
   def measure_two(*args, **kwargs):
     if len(calls) == 2:
-      raise KeyboardInterrupt  # what `timeout`'s SIGTERM handler would stop
+      raise KeyboardInterrupt  # the kill: what is on disk by now is what stays
     calls.append(None)
     return measured(*args, **kwargs)
 
