@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Issue 25's GPU check: one script, at most 8 minutes on one H100 / H200 with JAX 0.11.2.
+#
+#   bash benchmarks/issue25_gpu.sh OUT_DIR              # on the GPU machine
+#   DRY_RUN=1 bash benchmarks/issue25_gpu.sh /tmp/dry   # every command on a CPU, tiny sizes
+#
+# Steps, most important first (limits sum to 470 s; bf16, 16384 tokens,
+# width 2048, as the 2026-12-04 table in BENCHMARKS.md):
+#   1. the gpu-marked tests of the Hopper kernel and its variants, and the  120 s
+#      Triton kernel's variants, compiled on this GPU
+#   2. the table's weak cells, mosaic against cuDNN: D=128 at N=4096 and    170 s
+#      16384, D=64 at N=4096; fwd and fwd+bwd, causal and not
+#      -> OUT_DIR/mosaic_vs_cudnn{,_d64}/attention_bench.json
+#   3. the variant cells at D=128, N=4096, causal: dropout, window,          80 s
+#      soft-cap, bias; mosaic, pallas, and cuDNN where jax.nn takes the
+#      variant -> OUT_DIR/variants/attention_bench.json
+#   4. the Triton forward against JAX's Triton op at D=128 (issue 25 item    50 s
+#      4: its tiles are now JAX's) -> OUT_DIR/triton_fwd/attention_bench.json
+#   5. tuning steps M6 and M7 beside the defaults: the backward ping-pong    50 s
+#      (fwd+bwd) and the persistent causal forward
+#      -> OUT_DIR/schedules/attention_bench.json
+# bench-attention rewrites its JSON after every cell, so a step cut by its
+# limit keeps what it measured (meta.complete says whether it finished). Each
+# step goes on past a failure; the last line names the steps that failed.
+#
+# Needs python3 (or $PYTHON) with jax[cuda13]==0.11.2, flax, optax,
+# orbax-checkpoint, tokenizers, ml-collections, tensorboardX, matplotlib,
+# pytest, pytest-xdist; the package is installed editable (--no-deps) when it
+# is not importable. The GPU machine's image has all but ml-collections and
+# tensorboardX: carry their wheels (see the device tool's README) and put
+# them on PYTHONPATH first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: issue25_gpu.sh OUT_DIR}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+DRY=${DRY_RUN:-0}
+export PYTHONUNBUFFERED=1
+FAILED=()
+
+step() {  # step NAME SECONDS LOG command...
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "=== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - start))s"
+  if [ "$rc" != 0 ]; then FAILED+=("$name (rc $rc)"); fi
+}
+
+bench() {  # bench NAME SECONDS SUBDIR bench-attention flags...
+  local name=$1 limit=$2 sub=$3
+  shift 3
+  step "$name" "$limit" "$sub.log" "$PYTHON" -m fusedlm.research.cli bench-attention \
+    "${SIZES[@]}" --out="$OUT/$sub" "$@"
+}
+
+if ! "$PYTHON" -c "import fusedlm.research" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+"$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+if [ "$DRY" = 1 ]; then
+  # The interpreters on a CPU: tiny sizes, the sweep's shape of cells.
+  SIZES=(--smoke --dtype=float16 --reps=1 --warmup=0 --no_errors)
+  N_MAIN=128; N_VAR=128; D_MAIN=64,128; D_VAR=64; N_PERSIST=128
+  TESTS=(-m "not gpu" -k "dispatch or default_block_sizes")
+else
+  SIZES=(--dtype=bfloat16 --reps=20 --warmup=2)
+  N_MAIN=4096,16384; N_VAR=4096; D_MAIN=128; D_VAR=128; N_PERSIST=4096,16384
+  TESTS=(-m gpu)
+fi
+
+# 1. The Hopper kernel, its variants and the Triton variants, compiled here.
+XLA_PYTHON_CLIENT_PREALLOCATE=false step "gpu tests" 120 pytest_gpu.log \
+  "$PYTHON" -m pytest tests/kernels/mosaic/test_attention.py \
+  tests/kernels/mosaic/test_variants.py tests/kernels/test_variants.py \
+  "${TESTS[@]}" -n 4 -q -rfEs
+
+# 2. The weak cells of the 2026-12-04 table: mosaic against cuDNN.
+bench "mosaic vs cudnn" 120 mosaic_vs_cudnn --impls=mosaic,cudnn \
+  --head_dims="$D_MAIN" --seq_lens="$N_MAIN"
+bench "mosaic vs cudnn D=64" 50 mosaic_vs_cudnn_d64 --impls=mosaic,cudnn \
+  --head_dims=64 --seq_lens="$N_VAR"
+
+# 3. The variant cells.
+bench "variants" 80 variants --impls=mosaic,pallas,cudnn --head_dims="$D_VAR" \
+  --seq_lens="$N_VAR" --causal=on --variants=dropout,window,softcap,bias
+
+# 4. The Triton forward beside JAX's Triton op, with cuDNN for the ratio.
+bench "triton forward" 50 triton_fwd --impls=pallas,jax-triton,cudnn \
+  --head_dims="$D_MAIN" --seq_lens="$N_MAIN" --passes=fwd
+
+# 5. The schedules built off by default (tuning steps M6, M7).
+bench "M6 backward ping-pong" 25 schedules_m6 \
+  --impls=mosaic,mosaic:bwd_pingpong=1 --head_dims="$D_MAIN" --seq_lens="$N_VAR" \
+  --passes=fwd+bwd
+bench "M7 persistent forward" 25 schedules_m7 \
+  --impls=mosaic,mosaic:persistent=132 --head_dims="$D_MAIN" --seq_lens="$N_PERSIST" \
+  --passes=fwd --causal=on
+
+echo "=== done in ${SECONDS}s; failed: ${FAILED[*]:-none}"
+[ ${#FAILED[@]} = 0 ]
