@@ -4,9 +4,9 @@
 #   bash benchmarks/issue25_gpu.sh OUT_DIR              # on the GPU machine
 #   DRY_RUN=1 bash benchmarks/issue25_gpu.sh /tmp/dry   # every command on a CPU, tiny sizes
 #
-# Steps, most important first (limits sum to 470 s; bf16, 16384 tokens,
+# Steps, most important first (limits sum to 475 s; bf16, 16384 tokens,
 # width 2048, as the 2026-12-04 table in BENCHMARKS.md):
-#   1. the gpu-marked tests of the Hopper kernel and its variants, and the  120 s
+#   1. the gpu-marked tests of the Hopper kernel and its variants, and the  100 s
 #      Triton kernel's variants, compiled on this GPU
 #   2. the table's weak cells, mosaic against cuDNN: D=128 at N=4096 and    170 s
 #      16384, D=64 at N=4096; fwd and fwd+bwd, causal and not
@@ -16,9 +16,9 @@
 #      variant -> OUT_DIR/variants/attention_bench.json
 #   4. the Triton forward against JAX's Triton op at D=128 (issue 25 item    50 s
 #      4: its tiles are now JAX's) -> OUT_DIR/triton_fwd/attention_bench.json
-#   5. tuning steps M6 and M7 beside the defaults: the backward ping-pong    50 s
-#      (fwd+bwd) and the persistent causal forward
-#      -> OUT_DIR/schedules/attention_bench.json
+#   5. tuning steps M5, M6 and M7 beside the defaults: dQ added up by the   75 s
+#      dK/dV kernel (D=64, fwd+bwd), the backward ping-pong (fwd+bwd) and
+#      the persistent causal forward -> OUT_DIR/schedules_m{5,6,7}/...
 # bench-attention rewrites its JSON after every cell, so a step cut by its
 # limit keeps what it measured (meta.complete says whether it finished). Each
 # step goes on past a failure; the last line names the steps that failed.
@@ -73,7 +73,7 @@ else
 fi
 
 # 1. The Hopper kernel, its variants and the Triton variants, compiled here.
-XLA_PYTHON_CLIENT_PREALLOCATE=false step "gpu tests" 120 pytest_gpu.log \
+XLA_PYTHON_CLIENT_PREALLOCATE=false step "gpu tests" 100 pytest_gpu.log \
   "$PYTHON" -m pytest tests/kernels/mosaic/test_attention.py \
   tests/kernels/mosaic/test_variants.py tests/kernels/test_variants.py \
   "${TESTS[@]}" -n 4 -q -rfEs
@@ -92,7 +92,10 @@ bench "variants" 80 variants --impls=mosaic,pallas,cudnn --head_dims="$D_VAR" \
 bench "triton forward" 50 triton_fwd --impls=pallas,jax-triton,cudnn \
   --head_dims="$D_MAIN" --seq_lens="$N_MAIN" --passes=fwd
 
-# 5. The schedules built off by default (tuning steps M6, M7).
+# 5. The schedules built off by default (tuning steps M5, M6, M7).
+bench "M5 dQ by reduce-add" 25 schedules_m5 \
+  --impls=mosaic,mosaic:dq_atomic=1 --head_dims=64 --seq_lens="$N_VAR" \
+  --passes=fwd+bwd
 bench "M6 backward ping-pong" 25 schedules_m6 \
   --impls=mosaic,mosaic:bwd_pingpong=1 --head_dims="$D_MAIN" --seq_lens="$N_VAR" \
   --passes=fwd+bwd

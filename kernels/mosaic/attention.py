@@ -86,6 +86,7 @@ from fusedlm.kernels.mosaic.tiles import (
   Dims,
   MosaicBlockSizes,
   MosaicStatic,
+  dq_in_dkv,
 )
 from fusedlm.kernels.tiling import SMEM_BYTES, pad_axis
 
@@ -149,9 +150,17 @@ def _attention_bwd(st: MosaicStatic, residuals, cotangent):
   if dlse is not None:
     # d lse_i / d x_ij = P_ij, so dS = P (dP - D) + P dlse = P (dP - (D - dlse)).
     delta = delta - dlse
-  dq, dbias = backward_dq(q, k, v, segments, bias, seed, do, lse, delta, st)
   bias_t = None if bias is None else jnp.swapaxes(bias, 2, 3)
-  dk, dv = backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st)
+  if dq_in_dkv(st.blocks, st.dims, st.var):
+    # Tuning step M5: the dK/dV kernel adds each key tile's dS K into a
+    # float32 dQ (a Ref the kernel updates in place), in scaled-score units.
+    dq_sum = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, dv = backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st,
+                          dq_sum=dq_sum)
+    dq, dbias = (dq_sum[...] * st.scale).astype(q.dtype), None
+  else:
+    dq, dbias = backward_dq(q, k, v, segments, bias, seed, do, lse, delta, st)
+    dk, dv = backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st)
   if dbias is not None:
     dbias = _bias_gradient(dbias, segments, bias, st)
   return (_varying_like(dq, q), _varying_like(dk, k), _varying_like(dv, v), None,

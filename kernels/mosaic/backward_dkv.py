@@ -13,6 +13,13 @@ every product has M = 64 rows. Two layouts (`Dims.dkv_roles`):
     and holds dK: still 4 products per pair, half the keys per CTA. For
     head dims over 128, where dK and dV do not fit one consumer, and for
     the variants whose tiles crowd them out at 128.
+
+With `MosaicBlockSizes.dq_atomic` (tuning step M5; keys layout, no bias) the
+consumers also take dQ's share of their keys, dS K for the query tile of
+each step: dS^T goes to shared memory, where wgmma reads it transposed as
+its left operand, and the float32 [block_q_dkv, d] product is added into
+`dq_sum` in global memory by a TMA reduce-add (cp.reduce.async.bulk). The
+dQ kernel, which recomputes S and dP, then does not run.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from fusedlm.kernels.mosaic.tiles import (
   WARPGROUP_AXIS,
   MosaicStatic,
   bias_index,
+  dq_in_dkv,
   launch,
   tile_transforms,
   zeros_acc,
@@ -50,10 +58,13 @@ from fusedlm.kernels.mosaic.tiles import (
 DK, DV = "dk", "dv"
 
 
-def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStatic):
+def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStatic,
+                 dq_sum=None):
   """dK [b, kv_pad, kv_heads, d], dV [b, kv_pad, kv_heads, dv] from padded
   inputs. bias_t: the bias transposed, [b|1, h|1, kv_pad, q_pad], or None;
-  delta already holds - d lse."""
+  delta already holds - d lse. dq_sum: None, or (with dq_in_dkv) a float32
+  Ref [b, q_pad, h, d] of zeros, to which the kernel adds dS K (dQ before
+  the softmax scale)."""
   b, q_pad, h, d = q.shape
   kv_pad, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   bq, bkv = st.blocks.block_q_dkv, st.blocks.block_kv_dkv
@@ -65,6 +76,9 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
   pingpong = bool(st.blocks.bwd_pingpong) and not roles
   dtype = q.dtype
   has_bias, dropout = bias_t is not None, seed is not None
+  with_dq = dq_sum is not None
+  if with_dq and not dq_in_dkv(st.blocks, st.dims, st.var):
+    raise ValueError("dq_sum needs MosaicBlockSizes.dq_atomic in the keys layout")
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per query column
 
   def kernel(*refs):
@@ -72,6 +86,7 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
     inputs = refs[6:-4]
     dk_ref, dv_ref, smem, bar = refs[-4:]
+    dq_ref = inputs.pop() if with_dq else None
     qseg_ref, kvseg_ref = inputs[:2] if st.has_segments else (None, None)
     bias_ref = inputs[2 * st.has_segments] if has_bias else None
     seed_ref = inputs[-1] if dropout else None
@@ -191,8 +206,13 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
               plgpu.load(smem["delta"].at[slot], layout=col_layout), shape, [1])
           ds_t = p_ds.astype(jnp.float32) * (dp_t - delta)
 
+          ds16 = ds_t.astype(dtype)
+          if with_dq:  # dQ's left operand dS is read transposed from here
+            smem["ds"].at[wg][...] = ds16
+            plgpu.commit_smem()
+
           def dk_product(acc_ref):
-            plgpu.wgmma(acc_ref, ds_t.astype(dtype), smem["q"].at[slot])
+            plgpu.wgmma(acc_ref, ds16, smem["q"].at[slot])
           if pingpong:
             plgpu.barrier_arrive(bar["schedule"])  # P, dS done: the other may multiply
             plgpu.barrier_wait(bar["schedule"])  # the tensor cores are ours again
@@ -204,7 +224,23 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
           else:
             accs[DK] = pl.run_state(dk_product)(plgpu.ACC.init(accs[DK]))
         plgpu.barrier_arrive(bar["rows_consumed"].at[slot])  # the products are done
+        if with_dq:  # reads no slot of the ring: after the release
+          add_dq_share(i, head)
         return accs
+
+      def add_dq_share(i, head):
+        """dQ[rows of tile i] += dS K of this consumer's keys, in float32."""
+        def dq_product(acc_ref):
+          plgpu.wgmma(acc_ref, smem["ds"].at[wg].transpose((1, 0)), smem["k"].at[ks])
+          return acc_ref[...]
+        share = pl.run_scoped(dq_product, plgpu.ACC((bq, d), jnp.float32))
+        # The previous tile's reduce-add must have read its shared memory.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        smem["dq"].at[wg][...] = share
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem["dq"].at[wg],
+                                dq_ref.at[batch, pl.ds(i * bq, bq), head],
+                                reduction_op="add")
 
       def head_loop(g, accs):
         base = g * per_head - rng.lo  # step number of tile i is base + i
@@ -294,6 +330,11 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
     smem["bias"] = plgpu.SMEM((stages, key_sets, bkv, bq), bias_t.dtype)
   if roles:  # dS's factor P, from the dV consumer to the dK consumer
     smem["p"] = plgpu.SMEM((stages, bkv, bq), dtype)
+  if with_dq:  # each consumer's dS^T, and its float32 dQ share on its way out
+    smem["ds"] = plgpu.SMEM((wgs, bkv, bq), dtype, transforms=tiles)
+    smem["dq"] = plgpu.SMEM((wgs, bq, d), jnp.float32,
+                            transforms=(plgpu.TilingTransform((8, 32)),
+                                        plgpu.SwizzleTransform(128)))
   key_copies = 2 + st.has_segments
   row_copies = 4 + st.has_segments + key_sets * has_bias
   bar = {
@@ -308,6 +349,7 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
     bar["schedule"] = plgpu.Barrier(num_arrivals=wgs)
   args = [q, k, v, do, lse, delta] + (list(segments) if st.has_segments else [])
   args += ([bias_t] if has_bias else []) + ([seed] if dropout else [])
+  args += [dq_sum] if with_dq else []
   return launch(
       kernel, st, name="fusedlm_mosaic_bwd_dkv",
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),

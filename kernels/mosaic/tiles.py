@@ -104,7 +104,14 @@ class MosaicBlockSizes:
   bwd_pingpong: 1 makes the backward consumers take turns at the tensor
     cores, as the forward's do (step M6); persistent: 0 launches one forward
     CTA per block of rows; N > 0 launches N (the GPU's SM count: 132 on an
-    H100 or H200) that loop over the blocks, the longest first (step M7).
+    H100 or H200) that loop over the blocks, the longest first (step M7);
+  dq_atomic: 1 computes dQ in the dK/dV kernel, each consumer adding its
+    keys' share dS K of a query tile into a float32 dQ in global memory by a
+    TMA reduce-add, instead of a second kernel that recomputes S and dP
+    (step M5: 5 tile products per pair instead of 7). It applies at head
+    dims up to 64 (at 128 the float32 share beside dK and dV spills),
+    without a bias (d bias comes from the dQ kernel's dS) and not with both
+    the soft-cap and dropout (`dq_in_dkv`); elsewhere the dQ kernel runs.
   """
 
   block_q: int = 64
@@ -117,6 +124,7 @@ class MosaicBlockSizes:
   num_stages_bwd: int = 2
   bwd_pingpong: int = 0
   persistent: int = 0
+  dq_atomic: int = 0
 
   def __post_init__(self):
     for field in ("block_q", "block_kv", "block_q_dq", "block_kv_dq",
@@ -139,6 +147,13 @@ class MosaicBlockSizes:
     if self.bwd_pingpong not in (0, 1):
       raise ValueError(
           f"MosaicBlockSizes.bwd_pingpong must be 0 or 1, got {self.bwd_pingpong!r}.")
+    if self.dq_atomic not in (0, 1):
+      raise ValueError(
+          f"MosaicBlockSizes.dq_atomic must be 0 or 1, got {self.dq_atomic!r}.")
+    if self.dq_atomic and self.bwd_pingpong:
+      raise ValueError(
+          "MosaicBlockSizes.dq_atomic and bwd_pingpong do not combine (yet):"
+          " set one of them.")
     if not isinstance(self.persistent, int) or self.persistent < 0:
       raise ValueError(
           "MosaicBlockSizes.persistent must be 0 (a CTA per block of rows) or"
@@ -187,10 +202,32 @@ class MosaicBlockSizes:
            s * bq * 4, s * bq * 4, s * bq * 4,  # L, D, segment ids
            s * sets * bkv * bq * bias,
            s * bkv * bq * n if dims.dkv_roles else 0]  # P, dV's side to dK's
+    if dq_in_dkv(self, dims):  # each consumer's dS^T, and its dQ share in float32
+      dkv += [sets * bkv * bq * n, sets * bq * dims.d * 4]
     total = lambda buffers: sum(
         pl.cdiv(x, SMEM_ALIGNMENT) * SMEM_ALIGNMENT for x in buffers) + BARRIER_BYTES
     return {"forward": total(fwd) + REDUCTION_SCRATCH_BYTES, "dq": total(dq),
             "dkv": total(dkv)}
+
+
+# Head dims up to which the dK/dV consumers also take dQ's share (dq_atomic):
+# at 128 the [64, 128] float32 share beside dK and dV spilled 16-172 bytes
+# (44-172 with the share taken 64 columns at a time).
+DQ_IN_DKV_MAX_HEAD_DIM = 64
+
+
+def dq_in_dkv(blocks: MosaicBlockSizes, dims: Dims,
+              var: variants.Variants | None = None) -> bool:
+  """Whether the dK/dV kernel adds up dQ itself (`MosaicBlockSizes.dq_atomic`).
+
+  var: the call's variants; None (shared-memory accounting) assumes the
+  layout applies. The soft-cap and dropout together spilled 100-152 bytes
+  with the dQ share (each alone compiles without spills).
+  """
+  if var is not None and var.soft_cap is not None and var.dropout_rate > 0.0:
+    return False
+  return (bool(blocks.dq_atomic) and not dims.dkv_roles and not dims.bias_itemsize
+          and max(dims.d, dims.dv) <= DQ_IN_DKV_MAX_HEAD_DIM)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,6 +101,34 @@ def test_forward_and_backward_compile_for_sm90_without_spills(compiler, setting)
   assert f"m64n{dq_n}k16" in dq.wgmma and "m64n64k16" in dkv.wgmma, table
 
 
+DQ_ATOMIC = [  # tuning step M5 at head dim 64, where it applies
+    dict(PLAIN, head_dim=64, causal=True, segments=True, group=4),
+    dict(PLAIN, head_dim=64, causal=True, variants=("dropout",)),
+    dict(PLAIN, head_dim=64, variants=("window", "lse")),
+]
+
+
+@pytest.mark.parametrize("setting", DQ_ATOMIC, ids=_id)
+def test_dq_atomic_adds_dq_in_the_dkv_kernel_without_spills(compiler, setting):
+  # No dQ kernel; the dK/dV kernel gains dQ's products (dS K: more wgmma
+  # than the plain dK/dV kernel), without spills, within shared memory.
+  del compiler
+  fn, args = mosaic_cases.fusedlm_case(
+      64, SEQ_LEN, HEADS, "bwd", causal=setting["causal"], segments=setting["segments"],
+      group=setting["group"], variants=setting["variants"], blocks={"dq_atomic": 1})
+  reports = mi.inspect(fn, *args)
+  table = "\n".join([mi.HEADER] + [mi.format_row(_id(setting), r) for r in reports])
+  assert tuple(r.name for r in reports) == (KERNELS[0], KERNELS[2]), table
+  for r in reports:
+    assert r.spill_store_bytes == r.spill_load_bytes == 0, table
+    assert r.smem_bytes <= mi.SMEM_LIMIT, table
+  plain_fn, plain_args = mosaic_cases.fusedlm_case(
+      64, SEQ_LEN, HEADS, "bwd", causal=setting["causal"], segments=setting["segments"],
+      group=setting["group"], variants=setting["variants"])
+  plain = mi.inspect(plain_fn, *plain_args)[2]
+  assert reports[1].wgmma_count > plain.wgmma_count, table
+
+
 def test_every_call_compiles_again(compiler):
   """JAX's caches would serve a second compile of the same function without a dump."""
   del compiler

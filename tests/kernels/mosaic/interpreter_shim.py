@@ -2,7 +2,7 @@
 
 JAX 0.11 ships a CPU interpreter for Mosaic GPU kernels
 (`plgpu.InterpretGPUParams`). Stock 0.11.2 refuses a real FlashAttention-3
-kernel in four places and, on two or more devices at once (jax.pmap,
+kernel in five places and, on two or more devices at once (jax.pmap,
 jax.shard_map), mixes up the devices' state in two more; each is patched
 below as a separate, small piece that names the upstream gap. Delete each
 piece when upstream JAX handles it.
@@ -20,6 +20,8 @@ piece when upstream JAX handles it.
      memory while another device may still be running.
   6. A device that finishes a cluster restarts every device's register
      buffer ids, so a live accumulator's key is handed out again.
+  7. `plgpu.copy_smem_to_gmem(..., reduction_op="add")` (TMA reduce-add)
+     raises "reduction_op not supported".
 
 Usage (all patches are process-global while the context is open; run and
 trace the kernel inside it, since jit caches keep the interpreted program):
@@ -33,6 +35,7 @@ The module imports on any JAX; `SUPPORTED` / `REASON` tell tests to skip.
 
 import collections
 import contextlib
+import threading
 
 import jax
 
@@ -181,11 +184,51 @@ def _patched_wgmma(orig):
 # Delete when upstream JAX handles it.
 
 def _patched_copy_smem_to_gmem(orig):
-  def copy(*, token, predicate, **kwargs):
+  def copy(*, token, predicate, reduction_op=None, **kwargs):
     if predicate is not None and not bool(np.asarray(predicate)):
       return token
-    return orig(token=token, predicate=None, **kwargs)
+    if reduction_op is not None:
+      _reduce_into_gmem(reduction_op, **kwargs)
+      return token
+    return orig(token=token, predicate=None, reduction_op=None, **kwargs)
   return copy
+
+
+# -- 7. TMA reduce-add into global memory ---------------------------------------
+# Upstream gap: `gpu_callbacks.copy_smem_to_gmem` raises on any
+# `reduction_op` ("reduction_op not supported"); the dQ of the dK/dV kernel
+# (MosaicBlockSizes.dq_atomic) adds float32 tiles into global memory with
+# `reduction_op="add"` (cp.reduce.async.bulk). We read the shared-memory
+# tile and the global window and write their sum back, under one lock: on
+# hardware the add is atomic per element, and it completes before the
+# matching wait, which doing it at issue time honours. Delete when upstream
+# JAX handles it.
+
+_REDUCE_LOCK = threading.Lock()
+
+
+def _reduce_into_gmem(op, *, mesh_location, thread, src_allocation_key_as_array,
+                      src_transforms, dst_allocation_key_as_array, dst_transforms,
+                      source_info, commit_group):
+  del commit_group
+  if op != "add":
+    raise NotImplementedError(f"reduction_op={op!r} (the shim adds only)")
+  memory = gpu_callbacks._get_shared_memory()
+  info = shared_memory.GPULoggingInfo(mesh_location, thread, source_info)
+
+  def window(key_array, transforms):
+    key = shared_memory.HostAllocationKey.from_array(key_array)
+    transforms = jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms))
+    return key, memory.access(key, transforms)
+
+  src, src_access = window(src_allocation_key_as_array, src_transforms)
+  dst, dst_access = window(dst_allocation_key_as_array, dst_transforms)
+  with _REDUCE_LOCK:
+    tile, _, _ = memory.get_buffer_content(src, src_access, thread, logging_info=info)
+    total, _, _ = memory.get_buffer_content(dst, dst_access, thread, logging_info=info)
+    if tile is None or total is None or tile.shape != total.shape:
+      raise IndexError(f"reduce-add out of bounds: [{src_access}] into [{dst_access}]")
+    memory.store_buffer_content(dst, dst_access, total + tile, thread, logging_info=info)
 
 
 # -- 4. barrier teardown -------------------------------------------------------

@@ -97,12 +97,16 @@ def test_values_and_gradients_match_reference(case, mode):
 SCHEDULES = {
     "bwd_pingpong": dataclasses.replace(SMALL, bwd_pingpong=1),
     "persistent": dataclasses.replace(SMALL, persistent=3),
+    # Step M5: dQ added up by the dK/dV kernel (TMA reduce-add), no dQ kernel.
+    "dq_atomic": dataclasses.replace(SMALL, dq_atomic=1),
 }
 SCHEDULE_CASES = [
     Case(batch=1, q_len=150, kv_len=150, heads=4, kv_heads=2, causal=True,
          masks="segments", dtype=f16),
     Case(batch=2, q_len=100, kv_len=170, heads=2, kv_heads=1, masks="padding",
          dtype=bf16),
+    # The first 183 rows see no key: their dQ must stay zero.
+    Case(batch=1, q_len=200, kv_len=17, heads=1, kv_heads=1, causal=True, dtype=f16),
 ]
 
 
@@ -116,6 +120,36 @@ def test_schedules_match_reference(case, schedule, mode):
     out, grads = output_and_grads(
         mosaic_attention, q, k, v, cotangent, causal=case.causal,
         block_sizes=SCHEDULES[schedule], interpret=interpret, **masks)
+  ref_out, ref_grads = reference_output_and_grads(case, q, k, v, cotangent, masks)
+  out_tol, grad_tol = TOLERANCE[case.dtype]
+  assert_close(out, ref_out, out_tol, "output")
+  for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert_close(grad, ref, grad_tol, name)
+
+
+@pytest.mark.parametrize("head_dim, dq_kernel_runs", [(64, False), (128, True)])
+@needs_interpreter
+def test_dq_atomic_replaces_the_dq_kernel_up_to_head_dim_64(head_dim, dq_kernel_runs,
+                                                           monkeypatch):
+  # At head dim 128 the dK/dV consumers have no registers for the dQ share:
+  # the dQ kernel runs as without dq_atomic.
+  from fusedlm.kernels.mosaic import attention as mosaic_module
+  calls = []
+  stock = mosaic_module.backward_dq
+
+  def counted(*args, **kwargs):
+    calls.append(None)
+    return stock(*args, **kwargs)
+
+  monkeypatch.setattr(mosaic_module, "backward_dq", counted)
+  case = Case(batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1,
+              head_dim=head_dim, causal=True, dtype=f16)
+  q, k, v, cotangent, masks = make_inputs(case, seed=head_dim)
+  with _interpreter("interpret"):
+    out, grads = output_and_grads(
+        mosaic_attention, q, k, v, cotangent, causal=True,
+        block_sizes=SCHEDULES["dq_atomic"], interpret=mosaic_interpret.PARAMS)
+  assert bool(calls) == dq_kernel_runs
   ref_out, ref_grads = reference_output_and_grads(case, q, k, v, cotangent, masks)
   out_tol, grad_tol = TOLERANCE[case.dtype]
   assert_close(out, ref_out, out_tol, "output")
@@ -180,10 +214,16 @@ def test_refuses_head_dims_over_256():
     ("num_stages", 1, "at least 2"),
     ("bwd_pingpong", 2, "0 or 1"),
     ("persistent", -1, "the number of CTAs"),
+    ("dq_atomic", 2, "0 or 1"),
 ])
 def test_block_sizes_are_checked(field, value, message):
   with pytest.raises(ValueError, match=f"MosaicBlockSizes.{field}.*{message}"):
     MosaicBlockSizes(**{field: value})
+
+
+def test_dq_atomic_and_the_backward_ping_pong_do_not_combine():
+  with pytest.raises(ValueError, match="dq_atomic and bwd_pingpong"):
+    MosaicBlockSizes(dq_atomic=1, bwd_pingpong=1)
 
 
 def test_shared_memory_over_the_h100s_is_refused():

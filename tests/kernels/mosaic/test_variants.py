@@ -10,6 +10,7 @@ copies run compiled on a Hopper GPU.
 """
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 
@@ -128,6 +129,26 @@ def test_variant_values_and_gradients_match_reference(name, mode):
   cotangent = (d_out, d_lse) if kwargs.get("return_lse") else d_out
   with _interpreter(mode):
     out, grads = _value_and_grads(_kernel(mode), q, k, v, bias, cotangent, **kwargs)
+  variant_cases.assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs)
+
+
+# Step M5 (MosaicBlockSizes.dq_atomic): the dK/dV kernel adds dQ up itself,
+# with each variant that changes dS (dropout, soft-cap, window, lse).
+DQ_ATOMIC_CASES = ["dropout_causal_segments", "window_two_sided",
+                   "soft_cap_window_gqa_bf16", "lse_with_gradient_padding_causal"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", DQ_ATOMIC_CASES)
+def test_dq_atomic_variants_match_reference(name, mode):
+  shapes, kwargs = CASES[name]
+  seed = sum(map(ord, name))
+  q, k, v, bias, d_out, d_lse = _inputs(seed, **shapes)
+  kwargs = _resolve(kwargs, q, k, seed)
+  cotangent = (d_out, d_lse) if kwargs.get("return_lse") else d_out
+  kernel = _kernel(mode, blocks=dataclasses.replace(SMALL, dq_atomic=1))
+  with _interpreter(mode):
+    out, grads = _value_and_grads(kernel, q, k, v, bias, cotangent, **kwargs)
   variant_cases.assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs)
 
 
