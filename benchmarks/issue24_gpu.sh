@@ -28,27 +28,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: issue24_gpu.sh OUT_DIR}
-mkdir -p "$OUT"
-PYTHON=${PYTHON:-python3}
-DRY=${DRY_RUN:-0}
-export PYTHONUNBUFFERED=1
-FAILED=()
-
-step() {  # step NAME SECONDS LOG command...
-  local name=$1 limit=$2 log=$3
-  shift 3
-  echo "=== $name (limit ${limit}s)"
-  local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc in $((SECONDS - start))s"
-  if [ "$rc" != 0 ]; then FAILED+=("$name (rc $rc)"); fi
-}
-
-if ! "$PYTHON" -c "import fusedlm.research" 2>/dev/null; then
-  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-fi
-"$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
+# shellcheck source=benchmarks/gpu_steps.sh
+source benchmarks/gpu_steps.sh
 
 if [ "$DRY" = 1 ]; then
   TRAIN=(--config experiments/gpt2_small.py:runlocal --config.train.steps=4

@@ -119,17 +119,23 @@ def _kernel(mode: str, **kwargs):
                            interpret=interpret, **kwargs)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(CASES))
-def test_variant_values_and_gradients_match_reference(name, mode):
+def _check_case(name: str, mode: str, blocks: MosaicBlockSizes = SMALL):
+  """CASES[name] through the kernel with `blocks`, against the reference."""
   shapes, kwargs = CASES[name]
   seed = sum(map(ord, name))
   q, k, v, bias, d_out, d_lse = _inputs(seed, **shapes)
   kwargs = _resolve(kwargs, q, k, seed)
   cotangent = (d_out, d_lse) if kwargs.get("return_lse") else d_out
   with _interpreter(mode):
-    out, grads = _value_and_grads(_kernel(mode), q, k, v, bias, cotangent, **kwargs)
+    out, grads = _value_and_grads(_kernel(mode, blocks=blocks), q, k, v, bias,
+                                  cotangent, **kwargs)
   variant_cases.assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_variant_values_and_gradients_match_reference(name, mode):
+  _check_case(name, mode)
 
 
 # Step M5 (MosaicBlockSizes.dq_atomic): the dK/dV kernel adds dQ up itself,
@@ -141,15 +147,7 @@ DQ_ATOMIC_CASES = ["dropout_causal_segments", "window_two_sided",
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", DQ_ATOMIC_CASES)
 def test_dq_atomic_variants_match_reference(name, mode):
-  shapes, kwargs = CASES[name]
-  seed = sum(map(ord, name))
-  q, k, v, bias, d_out, d_lse = _inputs(seed, **shapes)
-  kwargs = _resolve(kwargs, q, k, seed)
-  cotangent = (d_out, d_lse) if kwargs.get("return_lse") else d_out
-  kernel = _kernel(mode, blocks=dataclasses.replace(SMALL, dq_atomic=1))
-  with _interpreter(mode):
-    out, grads = _value_and_grads(kernel, q, k, v, bias, cotangent, **kwargs)
-  variant_cases.assert_matches_reference(out, grads, q, k, v, bias, cotangent, **kwargs)
+  _check_case(name, mode, dataclasses.replace(SMALL, dq_atomic=1))
 
 
 @pytest.mark.parametrize("mode", MODES)
