@@ -157,6 +157,28 @@ def test_dq_atomic_replaces_the_dq_kernel_up_to_head_dim_64(head_dim, dq_kernel_
     assert_close(grad, ref, grad_tol, name)
 
 
+@needs_interpreter
+def test_dq_atomic_under_vmap_matches_the_dq_kernel():
+  # jax.vmap over a leading axis batches the dK/dV kernel and its jax.new_ref
+  # accumulator (the kernel's vmap rule indexes each Ref by the batch).
+  q, k, v = (jax.random.normal(key, (3, 1, 100, 2, 64), f16)
+             for key in jax.random.split(jax.random.key(5), 3))
+
+  def grads(blocks):
+    def loss(q, k, v):
+      out = jax.vmap(lambda q, k, v: mosaic_attention(
+          q, k, v, causal=True, block_sizes=blocks,
+          interpret=mosaic_interpret.PARAMS))(q, k, v)
+      return jnp.sum(out.astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  with _interpreter("interpret"):
+    ours, theirs = grads(SCHEDULES["dq_atomic"]), grads(SMALL)
+  _, grad_tol = TOLERANCE[f16]
+  for name, grad, ref in zip(("dq", "dk", "dv"), ours, theirs):
+    assert_close(np.asarray(grad, np.float32), np.asarray(ref, np.float32), grad_tol, name)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rows_that_see_no_key_are_zero_with_zero_gradients(mode):
   # Every key of batch row 1 is padded away.

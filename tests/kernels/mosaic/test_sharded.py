@@ -13,6 +13,9 @@ The interpreter blocks XLA's CPU threads in its callbacks: tests/conftest.py
 sizes XLA's thread pools (NPROC) so that two devices' kernels fit.
 """
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,12 +43,12 @@ CASE = Case(batch=2, q_len=70, kv_len=70, heads=2, kv_heads=1, head_dim=64,
             causal=True, masks="segments", dtype=jnp.bfloat16)
 
 
-def _loss_and_grads(q, k, v, cotangent, segment_ids):
+def _loss_and_grads(q, k, v, cotangent, segment_ids, blocks=SMALL):
   """<attention(q, k, v), cotangent> and its gradients, through the entry point."""
   def loss(q, k, v):
     out = dot_product_attention(
         q, k, v, causal=CASE.causal, segment_ids=segment_ids,
-        implementation="mosaic", block_sizes=SMALL,
+        implementation="mosaic", block_sizes=blocks,
         interpret=mosaic_interpret.PARAMS)
     return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
   return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -73,24 +76,31 @@ def _two_devices():
   return jax.devices()[:2]
 
 
-def test_pmap_over_an_axis_named_batch():
+# Both backward layouts: the dQ kernel, and dQ added up by the dK/dV kernel
+# into a jax.new_ref (tuning step M5), which must work per device too.
+BLOCKS = {"dq_kernel": SMALL, "dq_atomic": dataclasses.replace(SMALL, dq_atomic=1)}
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_pmap_over_an_axis_named_batch(blocks):
   devices = _two_devices()
   args, ref_loss, ref_grads = _expected()
   per_device = [x[:, None] for x in args]  # [devices, 1 row, ...]
   with mosaic_interpret.mosaic_interpreter(force=False):
-    loss, grads = jax.pmap(_loss_and_grads, axis_name=AXIS, devices=devices)(
-        *per_device)
+    loss, grads = jax.pmap(functools.partial(_loss_and_grads, blocks=BLOCKS[blocks]),
+                           axis_name=AXIS, devices=devices)(*per_device)
     loss, grads = jax.block_until_ready((loss, grads))
   _check(loss, grads, ref_loss, ref_grads)
 
 
-def test_shard_map_checks_the_varying_axes_of_the_gradients():
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_shard_map_checks_the_varying_axes_of_the_gradients(blocks):
   mesh = jax.sharding.Mesh(np.array(_two_devices()), (AXIS,))
   args, ref_loss, ref_grads = _expected()
   sharded = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS))) for x in args]
 
   def per_shard(*shard):
-    loss, grads = _loss_and_grads(*shard)
+    loss, grads = _loss_and_grads(*shard, blocks=BLOCKS[blocks])
     return loss[None], grads
   # check_vma is on by default: a cotangent typed unlike its input is refused.
   step = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=PartitionSpec(AXIS),
