@@ -180,7 +180,8 @@ def _patched_wgmma(orig):
 # -- 3. predicated SMEM -> GMEM copy -------------------------------------------
 # Upstream gap: `gpu_callbacks.copy_smem_to_gmem` raises on any `predicate`.
 # The predicate only says whether the copy is issued, so we skip the copy when
-# it is false and run the stock copy without it when true.
+# it is false and run the stock copy without it when true. A copy with a
+# `reduction_op` goes to piece 7 instead.
 # Delete when upstream JAX handles it.
 
 def _patched_copy_smem_to_gmem(orig):
@@ -192,43 +193,6 @@ def _patched_copy_smem_to_gmem(orig):
       return token
     return orig(token=token, predicate=None, reduction_op=None, **kwargs)
   return copy
-
-
-# -- 7. TMA reduce-add into global memory ---------------------------------------
-# Upstream gap: `gpu_callbacks.copy_smem_to_gmem` raises on any
-# `reduction_op` ("reduction_op not supported"); the dQ of the dK/dV kernel
-# (MosaicBlockSizes.dq_atomic) adds float32 tiles into global memory with
-# `reduction_op="add"` (cp.reduce.async.bulk). We read the shared-memory
-# tile and the global window and write their sum back, under one lock: on
-# hardware the add is atomic per element, and it completes before the
-# matching wait, which doing it at issue time honours. Delete when upstream
-# JAX handles it.
-
-_REDUCE_LOCK = threading.Lock()
-
-
-def _reduce_into_gmem(op, *, mesh_location, thread, src_allocation_key_as_array,
-                      src_transforms, dst_allocation_key_as_array, dst_transforms,
-                      source_info, commit_group):
-  del commit_group
-  if op != "add":
-    raise NotImplementedError(f"reduction_op={op!r} (the shim adds only)")
-  memory = gpu_callbacks._get_shared_memory()
-  info = shared_memory.GPULoggingInfo(mesh_location, thread, source_info)
-
-  def window(key_array, transforms):
-    key = shared_memory.HostAllocationKey.from_array(key_array)
-    transforms = jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms))
-    return key, memory.access(key, transforms)
-
-  src, src_access = window(src_allocation_key_as_array, src_transforms)
-  dst, dst_access = window(dst_allocation_key_as_array, dst_transforms)
-  with _REDUCE_LOCK:
-    tile, _, _ = memory.get_buffer_content(src, src_access, thread, logging_info=info)
-    total, _, _ = memory.get_buffer_content(dst, dst_access, thread, logging_info=info)
-    if tile is None or total is None or tile.shape != total.shape:
-      raise IndexError(f"reduce-add out of bounds: [{src_access}] into [{dst_access}]")
-    memory.store_buffer_content(dst, dst_access, total + tile, thread, logging_info=info)
 
 
 # -- 4. barrier teardown -------------------------------------------------------
@@ -284,6 +248,43 @@ def _next_regs_id(self, thread):
     regs_id = ids[thread]
     ids[thread] = regs_id - 1
     return regs_id
+
+
+# -- 7. TMA reduce-add into global memory ---------------------------------------
+# Upstream gap: `gpu_callbacks.copy_smem_to_gmem` raises on any
+# `reduction_op` ("reduction_op not supported"); the dQ of the dK/dV kernel
+# (MosaicBlockSizes.dq_atomic) adds float32 tiles into global memory with
+# `reduction_op="add"` (cp.reduce.async.bulk). We read the shared-memory
+# tile and the global window and write their sum back, under one lock: on
+# hardware the add is atomic per element, and it completes before the
+# matching wait, which doing it at issue time honours. Delete when upstream
+# JAX handles it.
+
+_REDUCE_LOCK = threading.Lock()
+
+
+def _reduce_into_gmem(op, *, mesh_location, thread, src_allocation_key_as_array,
+                      src_transforms, dst_allocation_key_as_array, dst_transforms,
+                      source_info, commit_group):
+  del commit_group
+  if op != "add":
+    raise NotImplementedError(f"reduction_op={op!r} (the shim adds only)")
+  memory = gpu_callbacks._get_shared_memory()
+  info = shared_memory.GPULoggingInfo(mesh_location, thread, source_info)
+
+  def window(key_array, transforms):
+    key = shared_memory.HostAllocationKey.from_array(key_array)
+    transforms = jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms))
+    return key, memory.access(key, transforms)
+
+  src, src_access = window(src_allocation_key_as_array, src_transforms)
+  dst, dst_access = window(dst_allocation_key_as_array, dst_transforms)
+  with _REDUCE_LOCK:
+    tile, _, _ = memory.get_buffer_content(src, src_access, thread, logging_info=info)
+    total, _, _ = memory.get_buffer_content(dst, dst_access, thread, logging_info=info)
+    if tile is None or total is None or tile.shape != total.shape:
+      raise IndexError(f"reduce-add out of bounds: [{src_access}] into [{dst_access}]")
+    memory.store_buffer_content(dst, dst_access, total + tile, thread, logging_info=info)
 
 
 # -- the context manager -------------------------------------------------------

@@ -114,12 +114,17 @@ SCHEDULE_CASES = [
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("case", SCHEDULE_CASES, ids=lambda c: c.id)
 def test_schedules_match_reference(case, schedule, mode):
-  q, k, v, cotangent, masks = make_inputs(case, seed=zlib.crc32(case.id.encode()))
+  _check_blocks(case, SCHEDULES[schedule], mode, seed=zlib.crc32(case.id.encode()))
+
+
+def _check_blocks(case: Case, blocks: MosaicBlockSizes, mode: str, seed: int):
+  """Values and gradients of `case` with `blocks` against the float32 reference."""
+  q, k, v, cotangent, masks = make_inputs(case, seed=seed)
   interpret = mosaic_interpret.PARAMS if mode == "interpret" else False
   with _interpreter(mode):
     out, grads = output_and_grads(
         mosaic_attention, q, k, v, cotangent, causal=case.causal,
-        block_sizes=SCHEDULES[schedule], interpret=interpret, **masks)
+        block_sizes=blocks, interpret=interpret, **masks)
   ref_out, ref_grads = reference_output_and_grads(case, q, k, v, cotangent, masks)
   out_tol, grad_tol = TOLERANCE[case.dtype]
   assert_close(out, ref_out, out_tol, "output")
@@ -144,17 +149,8 @@ def test_dq_atomic_replaces_the_dq_kernel_up_to_head_dim_64(head_dim, dq_kernel_
   monkeypatch.setattr(mosaic_module, "backward_dq", counted)
   case = Case(batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1,
               head_dim=head_dim, causal=True, dtype=f16)
-  q, k, v, cotangent, masks = make_inputs(case, seed=head_dim)
-  with _interpreter("interpret"):
-    out, grads = output_and_grads(
-        mosaic_attention, q, k, v, cotangent, causal=True,
-        block_sizes=SCHEDULES["dq_atomic"], interpret=mosaic_interpret.PARAMS)
+  _check_blocks(case, SCHEDULES["dq_atomic"], "interpret", seed=head_dim)
   assert bool(calls) == dq_kernel_runs
-  ref_out, ref_grads = reference_output_and_grads(case, q, k, v, cotangent, masks)
-  out_tol, grad_tol = TOLERANCE[case.dtype]
-  assert_close(out, ref_out, out_tol, "output")
-  for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
-    assert_close(grad, ref, grad_tol, name)
 
 
 @needs_interpreter
