@@ -17,8 +17,10 @@
 #   4. the Triton forward against JAX's Triton op at D=128 (issue 25 item    50 s
 #      4: its tiles are now JAX's) -> OUT_DIR/triton_fwd/attention_bench.json
 #   5. tuning steps M5, M6 and M7 beside the defaults: dQ added up by the   75 s
-#      dK/dV kernel (D=64, fwd+bwd), the backward ping-pong (fwd+bwd) and
-#      the persistent causal forward -> OUT_DIR/schedules_m{5,6,7}/...
+#      dK/dV kernel (D=64 and 128, fwd+bwd, not causal: the weakest cells,
+#      and at 128 M5 takes no diagonal mask), the backward ping-pong
+#      (fwd+bwd) and the persistent causal forward
+#      -> OUT_DIR/schedules_m{5,6,7}/...
 # bench-attention rewrites its JSON after every cell, so a step cut by its
 # limit keeps what it measured (meta.complete says whether it finished). Each
 # step goes on past a failure; the last line names the steps that failed.
@@ -75,8 +77,8 @@ bench "triton forward" 50 triton_fwd --impls=pallas,jax-triton,cudnn \
 
 # 5. The schedules built off by default (tuning steps M5, M6, M7).
 bench "M5 dQ by reduce-add" 25 schedules_m5 \
-  --impls=mosaic,mosaic:dq_atomic=1 --head_dims=64 --seq_lens="$N_VAR" \
-  --passes=fwd+bwd
+  --impls=mosaic,mosaic:dq_atomic=1 --head_dims=64,128 --seq_lens="$N_VAR" \
+  --passes=fwd+bwd --causal=off
 bench "M6 backward ping-pong" 25 schedules_m6 \
   --impls=mosaic,mosaic:bwd_pingpong=1 --head_dims="$D_MAIN" --seq_lens="$N_VAR" \
   --passes=fwd+bwd

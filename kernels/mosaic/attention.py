@@ -151,7 +151,7 @@ def _attention_bwd(st: MosaicStatic, residuals, cotangent):
     # d lse_i / d x_ij = P_ij, so dS = P (dP - D) + P dlse = P (dP - (D - dlse)).
     delta = delta - dlse
   bias_t = None if bias is None else jnp.swapaxes(bias, 2, 3)
-  if dq_in_dkv(st.blocks, st.dims, st.var):
+  if dq_in_dkv(st.blocks, st.dims, st.var, st.causal):
     # Tuning step M5: the dK/dV kernel adds each key tile's dS K into a
     # float32 dQ (a Ref the kernel updates in place), in scaled-score units.
     dq_sum = jax.new_ref(jnp.zeros(q.shape, jnp.float32))

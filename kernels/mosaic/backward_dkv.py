@@ -19,7 +19,10 @@ consumers also take dQ's share of their keys, dS K for the query tile of
 each step: dS^T goes to shared memory, where wgmma reads it transposed as
 its left operand, and the float32 [block_q_dkv, d] product is added into
 `dq_sum` in global memory by a TMA reduce-add (cp.reduce.async.bulk). The
-dQ kernel, which recomputes S and dP, then does not run.
+dQ kernel, which recomputes S and dP, then does not run. Past head dim 64
+(`tiles.dq_share_split`) the consumers split dQ's columns instead of its
+keys: after a barrier (`ds_ready`) each multiplies both consumers' dS^T,
+double-buffered, by its half of K's columns.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from fusedlm.kernels.mosaic.tiles import (
   MosaicStatic,
   bias_index,
   dq_in_dkv,
+  dq_share_split,
   launch,
   tile_transforms,
   zeros_acc,
@@ -77,8 +81,12 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
   dtype = q.dtype
   has_bias, dropout = bias_t is not None, seed is not None
   with_dq = dq_sum is not None
-  if with_dq and not dq_in_dkv(st.blocks, st.dims, st.var):
+  if with_dq and not dq_in_dkv(st.blocks, st.dims, st.var, st.causal):
     raise ValueError("dq_sum needs MosaicBlockSizes.dq_atomic in the keys layout")
+  # Split dQ share: consumer c adds the CTA's dS K[:, c-th half] (see above).
+  split = with_dq and dq_share_split(st.dims)
+  dq_cols = d // wgs if split else d
+  ds_buffers = 2 if split else 1
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per query column
 
   def kernel(*refs):
@@ -177,6 +185,15 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
             plgpu.barrier_arrive(bar["p_ready"].at[slot])
           # dV takes the kept P; its 1 / (1 - rate) comes at the end.
           p_dv = dropped(st, p16, keep) if dropout else p16
+          if split:
+            # P waits in dS^T's buffer (dS comes later), so that its 16
+            # registers are free while dV's and dP's products run beside
+            # dK and dV: that peak spilled at head dim 128. (The layout has
+            # no dropout or soft-cap here: P is both dV's and dS's factor.)
+            ds = smem["ds"].at[lax.rem(t, ds_buffers)]
+            ds[wg] = p16
+            plgpu.commit_smem()
+            p_dv = p_ds = ds.at[wg]
 
         def dv_product(acc_ref):
           plgpu.wgmma(acc_ref, p_dv, smem["do"].at[slot])
@@ -200,6 +217,8 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
           if p_ds is None:  # from the dV consumer
             plgpu.barrier_wait(bar["p_ready"].at[slot])
             p_ds = plgpu.load(smem["p"].at[slot], layout=plgpu.Layout.WGMMA)
+          elif split:  # back from shared memory, now that dV's product is done
+            p_ds = plgpu.load(p_ds, layout=plgpu.Layout.WGMMA)
           if dropout:
             dp_t = dropped(st, dp_t, keep) * keep_scale(st)
           delta = lax.broadcast_in_dim(
@@ -208,12 +227,17 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
 
           ds16 = ds_t.astype(dtype)
           if with_dq:  # dQ's left operand dS is read transposed from here
-            smem["ds"].at[wg][...] = ds16
+            ds = smem["ds"].at[lax.rem(t, ds_buffers)]
+            ds[wg] = ds16
             plgpu.commit_smem()
+            if split:  # the other consumer's dQ product reads it too
+              plgpu.barrier_arrive(bar["ds_ready"])
 
           def dk_product(acc_ref):
             plgpu.wgmma(acc_ref, ds16, smem["q"].at[slot])
-          if pingpong:
+          if split:  # dK's and dQ's products under one wgmma wait
+            accs[DK], dq_share = split_dk_and_dq_products(ds, slot, accs[DK])
+          elif pingpong:
             plgpu.barrier_arrive(bar["schedule"])  # P, dS done: the other may multiply
             plgpu.barrier_wait(bar["schedule"])  # the tensor cores are ours again
             def dv_and_dk(refs):  # one wgmma wait for the pair
@@ -224,22 +248,41 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
           else:
             accs[DK] = pl.run_state(dk_product)(plgpu.ACC.init(accs[DK]))
         plgpu.barrier_arrive(bar["rows_consumed"].at[slot])  # the products are done
-        if with_dq:  # reads no slot of the ring: after the release
-          add_dq_share(i, head)
+        if with_dq:
+          if not split:  # dS K of this consumer's keys: reads no ring slot
+            def dq_product(acc_ref):
+              plgpu.wgmma(acc_ref, ds.at[wg].transpose((1, 0)), smem["k"].at[ks])
+              return acc_ref[...]
+            dq_share = pl.run_scoped(dq_product, plgpu.ACC((bq, d), jnp.float32))
+          add_dq_share(dq_share, i, head)
         return accs
 
-      def add_dq_share(i, head):
-        """dQ[rows of tile i] += dS K of this consumer's keys, in float32."""
-        def dq_product(acc_ref):
-          plgpu.wgmma(acc_ref, smem["ds"].at[wg].transpose((1, 0)), smem["k"].at[ks])
-          return acc_ref[...]
-        share = pl.run_scoped(dq_product, plgpu.ACC((bq, d), jnp.float32))
+      def split_dk_and_dq_products(ds, slot, dk_acc):
+        """dK += dS^T Q, and the [bq, d / 2] float32 dQ share: dS K of the
+        CTA's keys and this consumer's half of the columns. Both read dS^T
+        from shared memory, so no tile of it is in registers while they run
+        (at head dim 128 that spilled)."""
+        def products(refs):
+          dk_ref, dq_ref = refs
+          plgpu.wgmma(dk_ref, ds.at[wg], smem["q"].at[slot])
+          # Both dS^T tiles are in. This buffer is rewritten two steps on,
+          # after the other consumer's next arrival, so after its product.
+          plgpu.barrier_wait(bar["ds_ready"])
+          for r in range(wgs):
+            plgpu.wgmma(dq_ref, ds.at[r].transpose((1, 0)),
+                        smem["k"].at[r, :, pl.ds(wg * dq_cols, dq_cols)])
+        return pl.run_state(products)(
+            (plgpu.ACC.init(dk_acc), plgpu.ACC.init(zeros_acc(bq, dq_cols))))
+
+      def add_dq_share(share, i, head):
+        """dQ[rows of tile i] += share, by a TMA reduce-add."""
         # The previous tile's reduce-add must have read its shared memory.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         smem["dq"].at[wg][...] = share
         plgpu.commit_smem()
+        cols = pl.ds(wg * dq_cols, dq_cols) if split else slice(None)
         plgpu.copy_smem_to_gmem(smem["dq"].at[wg],
-                                dq_ref.at[batch, pl.ds(i * bq, bq), head],
+                                dq_ref.at[batch, pl.ds(i * bq, bq), head, cols],
                                 reduction_op="add")
 
       def head_loop(g, accs):
@@ -262,7 +305,7 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
                            {job: zeros_acc(bkv, widths[job]) for job in jobs})
       if pingpong:
         pl.when(wg == 0)(sync_turn)
-      if roles:  # the other consumer may still be reading K and V
+      if roles or split:  # the other consumer may still be reading K and V
         plgpu.barrier_arrive(bar["done"])
         plgpu.barrier_wait(bar["done"])
       # The K and V tiles are read by no pending product: reuse them.
@@ -331,8 +374,8 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
   if roles:  # dS's factor P, from the dV consumer to the dK consumer
     smem["p"] = plgpu.SMEM((stages, bkv, bq), dtype)
   if with_dq:  # each consumer's dS^T, and its float32 dQ share on its way out
-    smem["ds"] = plgpu.SMEM((wgs, bkv, bq), dtype, transforms=tiles)
-    smem["dq"] = plgpu.SMEM((wgs, bq, d), jnp.float32,
+    smem["ds"] = plgpu.SMEM((ds_buffers, wgs, bkv, bq), dtype, transforms=tiles)
+    smem["dq"] = plgpu.SMEM((wgs, bq, dq_cols), jnp.float32,
                             transforms=(plgpu.TilingTransform((8, 32)),
                                         plgpu.SwizzleTransform(128)))
   key_copies = 2 + st.has_segments
@@ -342,9 +385,12 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
       "rows": plgpu.Barrier(num_arrivals=row_copies, num_barriers=stages),
       "rows_consumed": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
   }
-  if roles:
+  if roles or split:
     bar["done"] = plgpu.Barrier(num_arrivals=wgs)
+  if roles:
     bar["p_ready"] = plgpu.Barrier(num_barriers=stages)
+  if split:
+    bar["ds_ready"] = plgpu.Barrier(num_arrivals=wgs)
   if pingpong:
     bar["schedule"] = plgpu.Barrier(num_arrivals=wgs)
   args = [q, k, v, do, lse, delta] + (list(segments) if st.has_segments else [])

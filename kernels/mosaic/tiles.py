@@ -109,9 +109,11 @@ class MosaicBlockSizes:
     keys' share dS K of a query tile into a float32 dQ in global memory by a
     TMA reduce-add, instead of a second kernel that recomputes S and dP
     (step M5: 5 tile products per pair instead of 7). It applies at head
-    dims up to 64 (at 128 the float32 share beside dK and dV spills),
-    without a bias (d bias comes from the dQ kernel's dS) and not with both
-    the soft-cap and dropout (`dq_in_dkv`); elsewhere the dQ kernel runs.
+    dims up to 128 in the dK/dV kernel's keys layout (past 64 the consumers
+    split dQ's head dim, `dq_share_split`, and only without a causal mask
+    or window), without a bias (d bias comes from the dQ kernel's dS) and
+    not with both the soft-cap and dropout (`dq_in_dkv`); elsewhere the
+    dQ kernel runs.
   """
 
   block_q: int = 64
@@ -203,31 +205,57 @@ class MosaicBlockSizes:
            s * sets * bkv * bq * bias,
            s * bkv * bq * n if dims.dkv_roles else 0]  # P, dV's side to dK's
     if dq_in_dkv(self, dims):  # each consumer's dS^T, and its dQ share in float32
-      dkv += [sets * bkv * bq * n, sets * bq * dims.d * 4]
+      # Split: dS^T is double-buffered (the other consumer reads it), and
+      # each share is half the head dim wide.
+      split = dq_share_split(dims)
+      dkv += [(2 if split else 1) * sets * bkv * bq * n,
+              sets * bq * (dims.d // (wgs if split else 1)) * 4]
     total = lambda buffers: sum(
         pl.cdiv(x, SMEM_ALIGNMENT) * SMEM_ALIGNMENT for x in buffers) + BARRIER_BYTES
     return {"forward": total(fwd) + REDUCTION_SCRATCH_BYTES, "dq": total(dq),
             "dkv": total(dkv)}
 
 
-# Head dims up to which the dK/dV consumers also take dQ's share (dq_atomic):
-# at 128 the [64, 128] float32 share beside dK and dV spilled 16-172 bytes
-# (44-172 with the share taken 64 columns at a time).
-DQ_IN_DKV_MAX_HEAD_DIM = 64
+# Head dims up to which the dK/dV consumers also take dQ's share (dq_atomic),
+# and past which they split it. Up to 64 each consumer multiplies its own
+# keys' dS by K into a [64, d] float32 share. At 128 that share (64
+# registers a thread beside dK's and dV's 128) spilled 16-172 bytes, so
+# there, as FlashAttention-3 does, both consumers put dS^T in shared memory
+# and each multiplies the whole CTA's dS by one half of K's columns: a
+# [64, d / 2] share (32 registers), and one reduce-add per CTA and tile.
+DQ_IN_DKV_MAX_HEAD_DIM = 128
+DQ_SHARE_SPLIT_HEAD_DIM = 64
 
 
 def dq_in_dkv(blocks: MosaicBlockSizes, dims: Dims,
-              var: variants.Variants | None = None) -> bool:
+              var: variants.Variants | None = None, causal: bool = False) -> bool:
   """Whether the dK/dV kernel adds up dQ itself (`MosaicBlockSizes.dq_atomic`).
 
-  var: the call's variants; None (shared-memory accounting) assumes the
-  layout applies. The soft-cap and dropout together spilled 100-152 bytes
-  with the dQ share (each alone compiles without spills).
+  var, causal: the call's variants and causal flag; var None (shared-memory
+  accounting) assumes the layout applies. Where it does not, because the
+  dK/dV kernel spilled with the dQ share (sm_90a, `fusedlm inspect mosaic`):
+    * the soft-cap and dropout together at head dim 64 (100-152 bytes; each
+      alone compiles without spills). At 128 either one puts the kernel in
+      its roles layout (`Dims.dkv_roles`), which has no dQ share;
+    * a diagonal mask (causal or a window) with the split share, past head
+      dim 64 (92-136 bytes: the masked steps' key and diagonal positions on
+      top of dK, dV and the share). Segment ids and padded keys compile
+      without spills there.
   """
   if var is not None and var.soft_cap is not None and var.dropout_rate > 0.0:
     return False
+  diagonal = causal or (var is not None and var.window is not None)
+  if diagonal and dq_share_split(dims):
+    return False
   return (bool(blocks.dq_atomic) and not dims.dkv_roles and not dims.bias_itemsize
           and max(dims.d, dims.dv) <= DQ_IN_DKV_MAX_HEAD_DIM)
+
+
+def dq_share_split(dims: Dims) -> bool:
+  """Whether the dK/dV consumers split dQ's head dim (with dq_in_dkv):
+  each then multiplies both consumers' dS (read from shared memory after a
+  barrier) by its half of K's columns."""
+  return dims.d > DQ_SHARE_SPLIT_HEAD_DIM
 
 
 @dataclasses.dataclass(frozen=True)

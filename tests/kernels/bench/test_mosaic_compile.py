@@ -101,10 +101,14 @@ def test_forward_and_backward_compile_for_sm90_without_spills(compiler, setting)
   assert f"m64n{dq_n}k16" in dq.wgmma and "m64n64k16" in dkv.wgmma, table
 
 
-DQ_ATOMIC = [  # tuning step M5 at head dim 64, where it applies
+DQ_ATOMIC = [  # tuning step M5 where it applies
     dict(PLAIN, head_dim=64, causal=True, segments=True, group=4),
     dict(PLAIN, head_dim=64, causal=True, variants=("dropout",)),
     dict(PLAIN, head_dim=64, variants=("window", "lse")),
+    # Past 64 the consumers split dQ's columns (no diagonal mask there).
+    dict(PLAIN, head_dim=128),
+    dict(PLAIN, head_dim=128, segments=True, group=4, variants=("lse",)),
+    dict(PLAIN, head_dim=64, v_head_dim=128),
 ]
 
 
@@ -113,9 +117,11 @@ def test_dq_atomic_adds_dq_in_the_dkv_kernel_without_spills(compiler, setting):
   # No dQ kernel; the dK/dV kernel gains dQ's products (dS K: more wgmma
   # than the plain dK/dV kernel), without spills, within shared memory.
   del compiler
+  case = dict(causal=setting["causal"], segments=setting["segments"],
+              group=setting["group"], variants=setting["variants"],
+              v_head_dim=setting["v_head_dim"])
   fn, args = mosaic_cases.fusedlm_case(
-      64, SEQ_LEN, HEADS, "bwd", causal=setting["causal"], segments=setting["segments"],
-      group=setting["group"], variants=setting["variants"], blocks={"dq_atomic": 1})
+      setting["head_dim"], SEQ_LEN, HEADS, "bwd", blocks={"dq_atomic": 1}, **case)
   reports = mi.inspect(fn, *args)
   table = "\n".join([mi.HEADER] + [mi.format_row(_id(setting), r) for r in reports])
   assert tuple(r.name for r in reports) == (KERNELS[0], KERNELS[2]), table
@@ -123,8 +129,7 @@ def test_dq_atomic_adds_dq_in_the_dkv_kernel_without_spills(compiler, setting):
     assert r.spill_store_bytes == r.spill_load_bytes == 0, table
     assert r.smem_bytes <= mi.SMEM_LIMIT, table
   plain_fn, plain_args = mosaic_cases.fusedlm_case(
-      64, SEQ_LEN, HEADS, "bwd", causal=setting["causal"], segments=setting["segments"],
-      group=setting["group"], variants=setting["variants"])
+      setting["head_dim"], SEQ_LEN, HEADS, "bwd", **case)
   plain = mi.inspect(plain_fn, *plain_args)[2]
   assert reports[1].wgmma_count > plain.wgmma_count, table
 

@@ -132,12 +132,34 @@ def _check_blocks(case: Case, blocks: MosaicBlockSizes, mode: str, seed: int):
     assert_close(grad, ref, grad_tol, name)
 
 
-@pytest.mark.parametrize("head_dim, dq_kernel_runs", [(64, False), (128, True)])
+# Step M5 past head dim 64: the two dK/dV consumers split dQ's columns, each
+# multiplying both consumers' dS (read from shared memory after a barrier,
+# double-buffered) by its half of K. Two CTAs of keys, GQA sums over 3 query
+# tiles of 2 heads (6 steps: both dS buffers are reused); padded keys and
+# head dims (80 -> 128).
+SPLIT_CASES = [
+    Case(batch=1, q_len=150, kv_len=150, heads=4, kv_heads=2, head_dim=128,
+         masks="segments", dtype=f16),
+    Case(batch=2, q_len=100, kv_len=170, heads=2, kv_heads=1, head_dim=80,
+         masks="padding", dtype=bf16),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.id)
+def test_dq_atomic_split_share_matches_reference(case, mode):
+  _check_blocks(case, SCHEDULES["dq_atomic"], mode, seed=zlib.crc32(case.id.encode()))
+
+
+@pytest.mark.parametrize("head_dim, causal, dq_kernel_runs", [
+    (64, True, False),
+    (128, False, False),
+    # The split share with a diagonal mask spilled: the dQ kernel runs.
+    (128, True, True),
+])
 @needs_interpreter
-def test_dq_atomic_replaces_the_dq_kernel_up_to_head_dim_64(head_dim, dq_kernel_runs,
-                                                           monkeypatch):
-  # At head dim 128 the dK/dV consumers have no registers for the dQ share:
-  # the dQ kernel runs as without dq_atomic.
+def test_dq_atomic_replaces_the_dq_kernel_where_it_applies(head_dim, causal,
+                                                          dq_kernel_runs, monkeypatch):
   from fusedlm.kernels.mosaic import attention as mosaic_module
   calls = []
   stock = mosaic_module.backward_dq
@@ -148,7 +170,7 @@ def test_dq_atomic_replaces_the_dq_kernel_up_to_head_dim_64(head_dim, dq_kernel_
 
   monkeypatch.setattr(mosaic_module, "backward_dq", counted)
   case = Case(batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1,
-              head_dim=head_dim, causal=True, dtype=f16)
+              head_dim=head_dim, causal=causal, dtype=f16)
   _check_blocks(case, SCHEDULES["dq_atomic"], "interpret", seed=head_dim)
   assert bool(calls) == dq_kernel_runs
 
