@@ -4,23 +4,24 @@
 #   bash benchmarks/issue25_gpu.sh OUT_DIR              # on the GPU machine
 #   DRY_RUN=1 bash benchmarks/issue25_gpu.sh /tmp/dry   # every command on a CPU, tiny sizes
 #
-# Steps, most important first (limits sum to 475 s; bf16, 16384 tokens,
+# Steps, most important first (limits sum to 480 s; bf16, 16384 tokens,
 # width 2048, as the 2026-12-04 table in BENCHMARKS.md):
 #   1. the gpu-marked tests of the Hopper kernel and its variants, and the  100 s
 #      Triton kernel's variants, compiled on this GPU
 #   2. the table's weak cells, mosaic against cuDNN: D=128 at N=4096 and    170 s
 #      16384, D=64 at N=4096; fwd and fwd+bwd, causal and not
 #      -> OUT_DIR/mosaic_vs_cudnn{,_d64}/attention_bench.json
-#   3. the variant cells at D=128, N=4096, causal: dropout, window,          80 s
+#   3. the variant cells at D=128, N=4096, causal: dropout, window,          70 s
 #      soft-cap, bias; mosaic, pallas, and cuDNN where jax.nn takes the
 #      variant -> OUT_DIR/variants/attention_bench.json
-#   4. the Triton forward against JAX's Triton op at D=128 (issue 25 item    50 s
+#   4. the Triton forward against JAX's Triton op at D=128 (issue 25 item    45 s
 #      4: its tiles are now JAX's) -> OUT_DIR/triton_fwd/attention_bench.json
-#   5. tuning steps M5, M6 and M7 beside the defaults: dQ added up by the   75 s
-#      dK/dV kernel (D=64 and 128, fwd+bwd, not causal: the weakest cells,
-#      and at 128 M5 takes no diagonal mask), the backward ping-pong
-#      (fwd+bwd) and the persistent causal forward
-#      -> OUT_DIR/schedules_m{5,6,7}/...
+#   5. the tuning plan beside the defaults: dQ added up by the dK/dV       95 s
+#      kernel (M5) with the backward's clean tile choices (M3, M4) at D=64
+#      and 128, fwd+bwd, not causal (the weakest cells; at 128 M5 takes no
+#      diagonal mask); the forward's (M1) at D=64; the backward ping-pong
+#      (M6) and the persistent causal forward (M7)
+#      -> OUT_DIR/schedules_m{5,5_d64,1,6,7}/...
 # bench-attention rewrites its JSON after every cell, so a step cut by its
 # limit keeps what it measured (meta.complete says whether it finished). Each
 # step goes on past a failure; the last line names the steps that failed.
@@ -68,18 +69,24 @@ bench "mosaic vs cudnn D=64" 50 mosaic_vs_cudnn_d64 --impls=mosaic,cudnn \
   --head_dims=64 --seq_lens="$N_VAR"
 
 # 3. The variant cells.
-bench "variants" 80 variants --impls=mosaic,pallas,cudnn --head_dims="$D_VAR" \
+bench "variants" 70 variants --impls=mosaic,pallas,cudnn --head_dims="$D_VAR" \
   --seq_lens="$N_VAR" --causal=on --variants=dropout,window,softcap,bias
 
 # 4. The Triton forward beside JAX's Triton op, with cuDNN for the ratio.
-bench "triton forward" 50 triton_fwd --impls=pallas,jax-triton,cudnn \
+bench "triton forward" 45 triton_fwd --impls=pallas,jax-triton,cudnn \
   --head_dims="$D_MAIN" --seq_lens="$N_MAIN" --passes=fwd
 
-# 5. The schedules built off by default (tuning steps M5, M6, M7).
-bench "M5 dQ by reduce-add" 25 schedules_m5 \
-  --impls=mosaic,mosaic:dq_atomic=1 --head_dims=64,128 --seq_lens="$N_VAR" \
-  --passes=fwd+bwd --causal=off
-bench "M6 backward ping-pong" 25 schedules_m6 \
+# 5. The tuning plan's steps, off by default (BENCHMARKS.md: M1, M3-M7).
+# (One step per head dim: a sweep runs its head dims in increasing order.)
+BWD_TILES=mosaic,mosaic:dq_atomic=1,mosaic:num_stages_bwd=3,mosaic:block_kv_dq=128
+bench "M5, M3, M4 backward, D=128" 20 schedules_m5 --impls="$BWD_TILES" \
+  --head_dims=128 --seq_lens="$N_VAR" --passes=fwd+bwd --causal=off
+bench "M5, M3, M4 backward, D=64" 15 schedules_m5_d64 --impls="$BWD_TILES" \
+  --head_dims=64 --seq_lens="$N_VAR" --passes=fwd+bwd --causal=off
+bench "M1 forward tiles" 15 schedules_m1 \
+  --impls=mosaic,mosaic:block_kv=64,mosaic:num_stages=3 --head_dims=64 \
+  --seq_lens="$N_VAR" --passes=fwd --causal=off
+bench "M6 backward ping-pong" 20 schedules_m6 \
   --impls=mosaic,mosaic:bwd_pingpong=1 --head_dims="$D_MAIN" --seq_lens="$N_VAR" \
   --passes=fwd+bwd
 bench "M7 persistent forward" 25 schedules_m7 \
