@@ -22,7 +22,10 @@ float16, written for what Hopper has and Triton does not let us steer
     Pallas' interpreter runs wgmma synchronously and cannot catch an early
     release, so the order must be right by construction;
   * ping-pong (forward): a two-arrival `schedule` barrier makes the two
-    consumers take turns, so one's softmax overlaps the other's products;
+    consumers take turns, so one's softmax overlaps the other's products.
+    With `MosaicBlockSizes.fwd_overlap` each consumer also overlaps its own
+    (tuning step M8): the QK^T of one key tile and the PV of the one before
+    are issued together, and the softmax waits only for the first;
   * scores stay in log2 units with scale * log2(e) folded into one multiply,
     so each exponential is one `exp2` (the row maximum is taken on the raw
     products and scaled once per row);

@@ -3,6 +3,21 @@
 Design and synchronisation: `kernels.mosaic.attention`'s docstring. The
 variants enter through `kernels.mosaic.logits` (bias, soft-cap, window,
 dropout) and the loop bounds of `kernels.mosaic.bounds` (window).
+
+Two consumer loops share the softmax (`softmax`, `operand`):
+  * `step` (the default): QK^T, softmax, PV, each product waited for
+    before the next step;
+  * `overlapped_step` (`MosaicBlockSizes.fwd_overlap`, tuning step M8): a
+    first step only starts the pipeline (S_lo and its softmax); each step
+    then issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together, waits for
+    S_j alone (`wgmma_accumulator_load(wait_n=1)`), takes its softmax while
+    the PV product runs, and rescales O once it is done; `last_pv` adds the
+    last tile's PV. P_{j-1} is the running product's register operand: S_j's
+    P stays float32 inside that pipeline stage and is converted after it
+    (ptxas serialises the products if an operand register is redefined
+    between their issue and their wait, warning C7513). The ring's barrier
+    waits stay one per phase: each step waits for its own K tile and the
+    previous tile's V.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
 
   n_blocks = q_pad // (wgs * bq)  # blocks of rows per head
   persistent = st.blocks.persistent  # tuning step M7: 0, or the CTA count
+  overlap = bool(st.blocks.fwd_overlap)  # tuning step M8
 
   def kernel(*refs):
     refs = list(refs)
@@ -110,27 +126,22 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
                if st.has_segments else None)
       slot_of = lambda t: lax.rem(base + t, jnp.int32(stages))
 
-      @pl.when(rng.steps > 0)
-      def _():
-        plgpu.barrier_wait(bar["k"].at[slot_of(0)])
+      if not overlap:  # (the overlapped steps wait for each K tile themselves)
+        @pl.when(rng.steps > 0)
+        def _():
+          plgpu.barrier_wait(bar["k"].at[slot_of(0)])
 
       # Offsets the two consumers by half a step: wg 1 waits for wg 0's
       # first product before issuing its own.
       pl.when(wg == 1)(sync_turn)
 
-      def step(j, carry, *, masked: bool):
-        acc, m, l = carry
-        t = j - rng.lo
-        slot = slot_of(t)
+      def draw_dropout(j):
+        return (dropout_mask(st, seed_ref, batch, head, first, j * bkv, (bq, bkv),
+                             q_axis=0) if dropout else None)
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, smem["q"].at[wg], smem["k"].at[slot].transpose((1, 0)))
-          sync_turn()  # let the other consumer issue while ours runs
-          # The dropout bits are drawn while the product runs.
-          keep = (dropout_mask(st, seed_ref, batch, head, first, j * bkv, (bq, bkv),
-                               q_axis=0) if dropout else None)
-          return acc_ref[...], keep
-        s, keep = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+      def softmax(s, j, slot, m, l, *, masked: bool):
+        """P of key tile j (float32), the new row max and sum, and alpha, the
+        factor taking what was summed before to the new max."""
         if extras:
           plgpu.barrier_wait(bar["extras"].at[slot])
         bias_tile = (plgpu.load(smem["bias"].at[slot, wg], layout=plgpu.Layout.WGMMA)
@@ -149,11 +160,29 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(scaled(x, factor) - lax.broadcast_in_dim(m_safe, x.shape, [0]))
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l = l * alpha + p.sum(axis=1)
+        return p, m_new, l, alpha
+
+      def operand(p, keep):
+        """P as the PV product's left operand: in the input dtype, and with
+        dropout's zeros (after the row sum: the softmax is of the whole row)."""
         p = p.astype(dtype)
-        if dropout:  # after the row sum: the softmax is of the whole row
-          p = dropped(st, p, keep)
+        return dropped(st, p, keep) if dropout else p
+
+      def step(j, carry, *, masked: bool):
+        acc, m, l = carry
+        t = j - rng.lo
+        slot = slot_of(t)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, smem["q"].at[wg], smem["k"].at[slot].transpose((1, 0)))
+          sync_turn()  # let the other consumer issue while ours runs
+          # The dropout bits are drawn while the product runs.
+          return acc_ref[...], draw_dropout(j)
+        s, keep = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+        p, m_new, l, alpha = softmax(s, j, slot, m, l, masked=masked)
+        p = operand(p, keep)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
         plgpu.barrier_arrive(bar["schedule"])  # softmax done: the other may multiply
         plgpu.barrier_wait(bar["v"].at[slot])
@@ -172,15 +201,79 @@ def forward(q, k, v, segments, bias, seed, st: MosaicStatic):
         plgpu.barrier_arrive(bar["v_consumed"].at[slot])
         return acc, m_new, l
 
+      def overlapped_step(j, carry, *, masked: bool, first_step: bool = False):
+        """Tuning step M8: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+        together, take S_j's softmax while the second product runs, then
+        rescale O (FlashAttention-3's intra-warpgroup overlap)."""
+        acc, m, l, p_prev = carry
+        t = j - rng.lo
+        slot, prev = slot_of(t), slot_of(t - 1)
+        plgpu.barrier_wait(bar["k"].at[slot])
+        if not first_step:
+          plgpu.barrier_wait(bar["v"].at[prev])
+
+        def with_s(s_ref):
+          def body(refs):
+            o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+            plgpu.wgmma(s_ref, smem["q"].at[wg], smem["k"].at[slot].transpose((1, 0)))
+            if not first_step:
+              plgpu.wgmma(o_ref, p_prev, smem["v"].at[prev])
+            sync_turn()  # let the other consumer issue while ours run
+            # S_j is in; P_{j-1} V_{j-1} may still run. Its operand P_{j-1}
+            # must not be redefined until it is done (ptxas serialises the
+            # products otherwise), so S_j's P stays float32 in here.
+            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if first_step else 1)
+            p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = softmax(
+                s, j, slot, m_ref[...], l_ref[...], masked=masked)
+          return pl.run_state(body)(
+              (plgpu.ACC.init(acc), zeros_acc(bq, bkv), m, l, row_vector(1.0, bq)))
+        acc, p, m, l, alpha = pl.run_scoped(with_s, plgpu.ACC((bq, bkv), jnp.float32))
+        if not first_step:
+          plgpu.barrier_arrive(bar["v_consumed"].at[prev])
+        # Dropout's bits, drawn here: while the other consumer's products run.
+        p = operand(p, draw_dropout(j))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc, l, m, p = lax.optimization_barrier((acc, l, m, p))
+        plgpu.barrier_arrive(bar["schedule"])  # softmax done: the other may multiply
+        plgpu.barrier_wait(bar["schedule"])  # the tensor cores are ours again
+        return acc, m, l, p
+
+      def last_pv(_, carry):
+        """The last tile's O += P V, which no S product follows."""
+        acc, m, l, p = carry
+        slot = slot_of(rng.steps - 1)
+        plgpu.barrier_wait(bar["v"].at[slot])
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p, smem["v"].at[slot])
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(bar["v_consumed"].at[slot])
+        return acc, m, l, p
+
       carry = (zeros_acc(bq, dv), row_vector(-jnp.inf, bq), row_vector(0.0, bq))
+      if overlap:
+        carry += (jnp.zeros((bq, bkv), dtype),)
+        step_fn = overlapped_step
+        # The first tile (when there is one) only starts the pipeline: S and
+        # its softmax, masked wherever any tile may need it.
+        any_masked = rng.lead or rng.trail or st.has_segments
+        carry = lax.fori_loop(
+            rng.lo, jnp.minimum(rng.lo + 1, rng.hi),
+            functools.partial(overlapped_step, masked=any_masked, first_step=True),
+            carry)
+        start = lambda x: jnp.maximum(x, rng.lo + 1)
+      else:
+        step_fn, start = step, lambda x: x
       loop = lambda lo, hi, masked, carry: lax.fori_loop(
-          lo, hi, functools.partial(step, masked=masked), carry)
+          start(lo), start(hi), functools.partial(step_fn, masked=masked), carry)
       if rng.lead:
         carry = loop(rng.lo, rng.a, True, carry)
       if not st.has_segments:
         carry = loop(rng.a, rng.b, False, carry)
       if rng.trail:
         carry = loop(rng.b, rng.hi, True, carry)
+      if overlap:
+        carry = lax.fori_loop(0, jnp.minimum(rng.steps, 1), last_pv, carry)[:3]
       acc, m, l = carry
       pl.when(wg == 0)(sync_turn)
 

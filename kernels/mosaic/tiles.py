@@ -113,7 +113,11 @@ class MosaicBlockSizes:
     split dQ's head dim, `dq_share_split`, and only without a causal mask
     or window), without a bias (d bias comes from the dQ kernel's dS) and
     not with both the soft-cap and dropout (`dq_in_dkv`); elsewhere the
-    dQ kernel runs.
+    dQ kernel runs;
+  fwd_overlap: 1 pipelines each forward consumer's own products, as
+    FlashAttention-3's intra-warpgroup overlap: S = QK^T of key tile j and
+    O += P V of tile j - 1 are issued together, and tile j's softmax runs
+    while the PV product does (step M8; every variant and head dim).
   """
 
   block_q: int = 64
@@ -127,6 +131,7 @@ class MosaicBlockSizes:
   bwd_pingpong: int = 0
   persistent: int = 0
   dq_atomic: int = 0
+  fwd_overlap: int = 0
 
   def __post_init__(self):
     for field in ("block_q", "block_kv", "block_q_dq", "block_kv_dq",
@@ -149,6 +154,9 @@ class MosaicBlockSizes:
     if self.bwd_pingpong not in (0, 1):
       raise ValueError(
           f"MosaicBlockSizes.bwd_pingpong must be 0 or 1, got {self.bwd_pingpong!r}.")
+    if self.fwd_overlap not in (0, 1):
+      raise ValueError(
+          f"MosaicBlockSizes.fwd_overlap must be 0 or 1, got {self.fwd_overlap!r}.")
     if self.dq_atomic not in (0, 1):
       raise ValueError(
           f"MosaicBlockSizes.dq_atomic must be 0 or 1, got {self.dq_atomic!r}.")

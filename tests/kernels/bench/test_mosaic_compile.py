@@ -228,3 +228,36 @@ def test_missing_plugin_says_what_to_install(monkeypatch):
                      match=r"pip install --no-deps jax-cuda13-plugin==0\.11\.2"
                            r" jax-cuda13-pjrt==0\.11\.2"):
     mi.check_environment()
+
+
+FWD_OVERLAP = [  # tuning step M8, with the variants that enter the softmax
+    dict(PLAIN, head_dim=64, causal=True, segments=True, group=4),
+    dict(PLAIN, head_dim=128),
+    dict(PLAIN, head_dim=128, causal=True, variants=("dropout",)),
+    dict(PLAIN, head_dim=128, causal=True, variants=("bias",), bias_dtype="float32"),
+    dict(PLAIN, head_dim=64, v_head_dim=128, variants=("window", "lse")),
+    dict(PLAIN, head_dim=256, causal=True, variants=("dropout", "softcap")),
+]
+
+
+@pytest.mark.parametrize("setting", FWD_OVERLAP, ids=_id)
+def test_fwd_overlap_pipelines_the_forward_without_spills(compiler, setting):
+  # S of one key tile and PV of the one before in one wgmma pipeline stage:
+  # no spills, and no serialised wgmma (ptxas's C7513 "non wgmma instructions
+  # defining input registers", had P been converted inside the stage).
+  del compiler
+  wide = max(setting["head_dim"], setting["v_head_dim"] or 0) > 128
+  blocks = {"fwd_overlap": 1}
+  if wide or setting["variants"] == ("bias",):  # as MosaicBlockSizes.get_default
+    blocks["block_kv"] = 64
+  fn, args = mosaic_cases.fusedlm_case(
+      setting["head_dim"], SEQ_LEN, HEADS, "fwd", blocks=blocks,
+      causal=setting["causal"], segments=setting["segments"], group=setting["group"],
+      variants=setting["variants"], v_head_dim=setting["v_head_dim"],
+      bias_dtype=setting["bias_dtype"])
+  (r,) = mi.inspect(fn, *args)
+  table = "\n".join([mi.HEADER, mi.format_row(_id(setting), r)])
+  assert r.name == KERNELS[0], table
+  assert r.spill_store_bytes == r.spill_load_bytes == 0, table
+  assert r.smem_bytes <= mi.SMEM_LIMIT, table
+  assert not r.ptxas_warnings, table

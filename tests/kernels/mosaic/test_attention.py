@@ -99,6 +99,10 @@ SCHEDULES = {
     "persistent": dataclasses.replace(SMALL, persistent=3),
     # Step M5: dQ added up by the dK/dV kernel (TMA reduce-add), no dQ kernel.
     "dq_atomic": dataclasses.replace(SMALL, dq_atomic=1),
+    # Step M8: S of one key tile and PV of the one before in one pipeline;
+    # also in the persistent grid, whose blocks carry the ring on.
+    "fwd_overlap": dataclasses.replace(SMALL, fwd_overlap=1),
+    "fwd_overlap_persistent": dataclasses.replace(SMALL, fwd_overlap=1, persistent=3),
 }
 SCHEDULE_CASES = [
     Case(batch=1, q_len=150, kv_len=150, heads=4, kv_heads=2, causal=True,

@@ -150,6 +150,20 @@ def test_dq_atomic_variants_match_reference(name, mode):
   _check_case(name, mode, dataclasses.replace(SMALL, dq_atomic=1))
 
 
+# Step M8 (MosaicBlockSizes.fwd_overlap): the forward's S = QK^T of one key
+# tile and PV of the one before run together, with each variant that enters
+# the softmax (bias, window, soft-cap, dropout, lse) and head dims 128 / 256.
+FWD_OVERLAP_CASES = ["dropout_bias_window_soft_cap", "key_bias_broadcast_padding_head_dim_128",
+                     "window_left_only_cross_attention_bf16",
+                     "lse_with_gradient_padding_causal", "head_dim_256_causal_segments_gqa"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", FWD_OVERLAP_CASES)
+def test_fwd_overlap_variants_match_reference(name, mode):
+  _check_case(name, mode, dataclasses.replace(SMALL, fwd_overlap=1))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_dropout_mask_is_the_references_and_reproducible(mode):
   # With q = 0 every visible key gets P = 1/n; with v = the identity the
