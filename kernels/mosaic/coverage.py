@@ -40,8 +40,9 @@ def refusal(*, dtype, head_dim: int, v_head_dim: int,
   if widest > MAX_HEAD_DIM:
     return f"mosaic takes head dims up to {MAX_HEAD_DIM}, not {widest}"
   if "bias" in variants and widest > SPLIT_HEAD_DIM:
-    # Past 128 the forward's Q, K and V tiles leave no shared memory for the
-    # bias ring even at 64-key tiles (`MosaicBlockSizes.smem_bytes`).
+    # Past 128 the Q, K and V tiles leave no shared memory for the bias ring
+    # even at 64-row tiles (`MosaicBlockSizes.smem_bytes`; BENCHMARKS.md,
+    # "Bias past head dim 128"), and 32-row tiles do not lower.
     return (f"mosaic takes a bias at head dims up to {SPLIT_HEAD_DIM}, not"
             f" {widest} (shared memory)")
   return None
