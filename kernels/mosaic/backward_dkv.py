@@ -137,6 +137,8 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
         slot = lax.rem(t, jnp.int32(stages))
         plgpu.barrier_wait(bar["rows"].at[slot])
         accs, keep, p_ds = dict(accs), None, None
+        # This step's dS^T buffer (with dq_atomic; P waits there first, split).
+        ds = smem["ds"].at[lax.rem(t, ds_buffers)] if with_dq else None
         # The dropout bits are drawn while a product runs (S's, or dP's on the
         # dK consumer of the roles layout).
         mask = lambda: (dropout_mask(st, seed_ref, batch, head, i * bq, key_first,
@@ -190,7 +192,6 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
             # registers are free while dV's and dP's products run beside
             # dK and dV: that peak spilled at head dim 128. (The layout has
             # no dropout or soft-cap here: P is both dV's and dS's factor.)
-            ds = smem["ds"].at[lax.rem(t, ds_buffers)]
             ds[wg] = p16
             plgpu.commit_smem()
             p_dv = p_ds = ds.at[wg]
@@ -227,7 +228,6 @@ def backward_dkv(q, k, v, segments, bias_t, seed, do, lse, delta, st: MosaicStat
 
           ds16 = ds_t.astype(dtype)
           if with_dq:  # dQ's left operand dS is read transposed from here
-            ds = smem["ds"].at[lax.rem(t, ds_buffers)]
             ds[wg] = ds16
             plgpu.commit_smem()
             if split:  # the other consumer's dQ product reads it too

@@ -19,6 +19,8 @@ the compiling tests skip, with the reason, where JAX < 0.11 or the plugin or
 ptxas is missing (CI's second pass, Python 3.12 / JAX 0.11.2, installs them).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -30,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from fusedlm.kernels.bench import mosaic_cases
 from fusedlm.kernels.bench import mosaic_compile as mi
 from fusedlm.kernels.mosaic.attention import mosaic_attention_any_device
+from fusedlm.kernels.mosaic.tiles import Dims, MosaicBlockSizes
 
 SEQ_LEN = 2048
 HEADS = 8
@@ -246,10 +249,11 @@ def test_fwd_overlap_pipelines_the_forward_without_spills(compiler, setting):
   # no spills, and no serialised wgmma (ptxas's C7513 "non wgmma instructions
   # defining input registers", had P been converted inside the stage).
   del compiler
-  wide = max(setting["head_dim"], setting["v_head_dim"] or 0) > 128
-  blocks = {"fwd_overlap": 1}
-  if wide or setting["variants"] == ("bias",):  # as MosaicBlockSizes.get_default
-    blocks["block_kv"] = 64
+  # The call's default tiles (64 keys past D = 128 or with a wide bias), plus M8.
+  bias_bytes = jnp.dtype(setting["bias_dtype"]).itemsize if setting["bias_dtype"] else 0
+  dims = Dims.padded(setting["head_dim"], setting["v_head_dim"] or setting["head_dim"],
+                     jnp.dtype(jnp.float16).itemsize, bias_bytes)
+  blocks = dict(dataclasses.asdict(MosaicBlockSizes.get_default(dims)), fwd_overlap=1)
   fn, args = mosaic_cases.fusedlm_case(
       setting["head_dim"], SEQ_LEN, HEADS, "fwd", blocks=blocks,
       causal=setting["causal"], segments=setting["segments"], group=setting["group"],
